@@ -1,0 +1,217 @@
+"""torchvision state_dict <-> Flax variables, through an explicit name table.
+
+Imports no torch: NumPy arrays in, NumPy arrays out. `tl_jax.weights` turns files into
+NumPy state dicts.
+
+Layout rules (why each transpose):
+  conv  weight  (O, I, kH, kW)  -> kernel (kH, kW, I, O)   Flax convs are HWIO
+  fc    weight  (out, in)       -> kernel (in, out)       Dense computes x @ kernel
+  bn    weight / bias           -> scale / bias           same values
+  bn    running_mean / _var     -> batch_stats mean / var
+  bn    num_batches_tracked     -> dropped (only used by torch when momentum=None);
+                                   exported as 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+from tl_jax.models.resnet import ARCHS
+
+
+class ConversionError(ValueError):
+  """A state dict or variable tree does not fit the architecture."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  torch_name: str            # e.g. 'layer1.0.bn1.running_var'
+  collection: str            # 'params' | 'batch_stats'
+  path: tuple[str, ...]      # e.g. ('layer1_0', 'bn1', 'var')
+  kind: str                  # 'conv' | 'linear_w' | 'copy'
+
+
+def _conv(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
+  return [Entry(f'{torch_prefix}.weight', 'params', flax_path + ('kernel',), 'conv')]
+
+
+def _bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
+  return [
+      Entry(f'{torch_prefix}.weight', 'params', flax_path + ('scale',), 'copy'),
+      Entry(f'{torch_prefix}.bias', 'params', flax_path + ('bias',), 'copy'),
+      Entry(f'{torch_prefix}.running_mean', 'batch_stats', flax_path + ('mean',), 'copy'),
+      Entry(f'{torch_prefix}.running_var', 'batch_stats', flax_path + ('var',), 'copy'),
+  ]
+
+
+def name_table(arch: str, include_head: bool = True) -> list[Entry]:
+  """Every tensor of torchvision's `arch` with where it lives in the Flax variables."""
+  if arch not in ARCHS:
+    raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
+  spec = ARCHS[arch]
+  convs_per_block = 2 if spec.block == 'basic' else 3
+  table = _conv('conv1', ('conv1',)) + _bn('bn1', ('bn1',))
+  for stage, num_blocks in enumerate(spec.stage_sizes, start=1):
+    for index in range(num_blocks):
+      t, f = f'layer{stage}.{index}', f'layer{stage}_{index}'
+      for c in range(1, convs_per_block + 1):
+        table += _conv(f'{t}.conv{c}', (f, f'conv{c}')) + _bn(f'{t}.bn{c}', (f, f'bn{c}'))
+      if index == 0 and (stage > 1 or spec.block == 'bottleneck'):
+        table += _conv(f'{t}.downsample.0', (f, 'downsample_conv'))
+        table += _bn(f'{t}.downsample.1', (f, 'downsample_bn'))
+  if include_head:
+    table += [Entry('fc.weight', 'params', ('fc', 'kernel'), 'linear_w'),
+              Entry('fc.bias', 'params', ('fc', 'bias'), 'copy')]
+  return table
+
+
+def _to_flax(value: np.ndarray, kind: str) -> np.ndarray:
+  if kind == 'conv':
+    return np.ascontiguousarray(np.transpose(value, (2, 3, 1, 0)))
+  if kind == 'linear_w':
+    return np.ascontiguousarray(value.T)
+  return np.array(value)
+
+
+def _to_torch(value: np.ndarray, kind: str) -> np.ndarray:
+  if kind == 'conv':
+    return np.ascontiguousarray(np.transpose(value, (3, 2, 0, 1)))
+  if kind == 'linear_w':
+    return np.ascontiguousarray(value.T)
+  return np.array(value)
+
+
+def _expected_torch_shape(entry: Entry, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  if entry.kind == 'conv':
+    h, w, i, o = flax_shape
+    return (o, i, h, w)
+  if entry.kind == 'linear_w':
+    return tuple(reversed(flax_shape))
+  return tuple(flax_shape)
+
+
+def _get(tree: Mapping, path: Iterable[str]):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
+                  reference: Optional[Mapping] = None, include_head: bool = True) -> dict:
+  """torchvision `state_dict` (NumPy values) -> {'params', 'batch_stats'}.
+
+  Args:
+    state_dict: tensor name -> array, as `model.state_dict()` with values as NumPy.
+    arch: torchvision architecture name, e.g. 'resnet18'.
+    reference: optional Flax variables of the target model; every shape is checked against
+      them (catches a state dict of another arch or class count).
+    include_head: convert `fc` too. With False, `fc.*` is ignored (a head is made afresh).
+
+  Raises:
+    ConversionError listing every missing, unexpected and mis-shaped name.
+  """
+  table = name_table(arch, include_head)
+  known = {e.torch_name for e in name_table(arch, include_head=True)}
+  missing = [e.torch_name for e in table if e.torch_name not in state_dict]
+  unexpected = sorted(k for k in state_dict
+                      if k not in known and not k.endswith('num_batches_tracked'))
+  mismatched = []
+  variables: dict = {'params': {}, 'batch_stats': {}}
+  for entry in table:
+    if entry.torch_name not in state_dict:
+      continue
+    value = _to_flax(np.asarray(state_dict[entry.torch_name]), entry.kind)
+    if reference is not None:
+      try:
+        want = tuple(np.shape(_get(reference[entry.collection], entry.path)))
+      except KeyError:
+        want = None
+      if want is not None and tuple(value.shape) != want:
+        mismatched.append(f'{entry.torch_name}: file has {tuple(np.shape(state_dict[entry.torch_name]))}, '
+                          f'{arch} needs {_expected_torch_shape(entry, want)}')
+        continue
+    _set(variables[entry.collection], entry.path, value)
+  _raise_if_problems(arch, missing, unexpected, mismatched)
+  return variables
+
+
+def flax_to_torch(variables: Mapping, arch: str) -> dict[str, np.ndarray]:
+  """{'params', 'batch_stats'} -> torchvision state_dict (NumPy values), loadable strictly."""
+  state_dict: dict[str, np.ndarray] = {}
+  missing = []
+  for entry in name_table(arch, include_head=True):
+    try:
+      value = np.asarray(_get(variables[entry.collection], entry.path))
+    except KeyError:
+      missing.append('/'.join((entry.collection,) + entry.path))
+      continue
+    state_dict[entry.torch_name] = _to_torch(value, entry.kind)
+    if entry.torch_name.endswith('running_var'):
+      state_dict[entry.torch_name.replace('running_var', 'num_batches_tracked')] = np.array(0, np.int64)
+  known = {(e.collection,) + e.path for e in name_table(arch)}
+  unexpected = sorted('/'.join(p) for p in _leaf_paths(variables) if p not in known)
+  _raise_if_problems(arch, missing, unexpected, [])
+  return state_dict
+
+
+def _leaf_paths(tree: Mapping, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+  out = []
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out += _leaf_paths(value, prefix + (key,))
+    else:
+      out.append(prefix + (key,))
+  return out
+
+
+def _raise_if_problems(arch: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+  if not (missing or unexpected or mismatched):
+    return
+  lines = [f'weights do not fit {arch}:']
+  if missing:
+    lines.append(f'  missing ({len(missing)}): ' + ', '.join(missing))
+  if unexpected:
+    lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
+  if mismatched:
+    lines.append(f'  wrong shape ({len(mismatched)}):\n    ' + '\n    '.join(mismatched))
+  lines.append('Check --arch (resnet18/34 have BasicBlocks, resnet50/101 Bottlenecks) and that the file is a '
+               'torchvision classification state_dict.')
+  raise ConversionError('\n'.join(lines))
+
+
+def guess_arch(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:
+  """The arch whose name table matches the state dict's keys exactly (fc aside), else None."""
+  keys = {k for k in state_dict if not k.endswith('num_batches_tracked')}
+  for arch in ARCHS:
+    if {e.torch_name for e in name_table(arch)} == keys:
+      return arch
+  return None
+
+
+def head_num_classes(state_dict: Mapping[str, np.ndarray]) -> Optional[int]:
+  """Output size of `fc` in a torchvision state dict, or None if it has no fc."""
+  if 'fc.weight' in state_dict:
+    return int(np.shape(state_dict['fc.weight'])[0])
+  return None
+
+
+def replace_head(variables: Mapping, fresh_variables: Mapping) -> dict:
+  """Backbone of `variables` with the `fc` of `fresh_variables` (the tutorial's new nn.Linear).
+
+  Args:
+    variables: converted weights (any head, or none).
+    fresh_variables: `init_variables` of the target model with `num_classes` outputs; its fc
+      has nn.Linear's init distribution.
+  """
+  params = {k: v for k, v in variables['params'].items() if k != 'fc'}
+  params['fc'] = fresh_variables['params']['fc']
+  return {'params': params, 'batch_stats': dict(variables['batch_stats'])}

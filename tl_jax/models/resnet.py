@@ -1,0 +1,183 @@
+"""torchvision ResNets (v1.5: stride on the 3x3 conv) in Flax, NHWC.
+
+Every padding is written out as torch's: Flax's 'SAME' pads asymmetrically for even
+inputs with stride 2 and would shift every feature map by a pixel.
+Submodule names mirror torchvision's (`layer1_0` is `layer1.0`) so the weight
+conversion table in `tl_jax.convert` reads one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tl_jax.models.layers import BatchNorm
+
+# torch's default init for conv weights (kaiming_normal_, fan_out, relu) as torchvision's ResNet uses.
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+
+def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None) -> nn.Conv:
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((padding, padding), (padding, padding)), use_bias=False,
+                 kernel_init=_conv_init, name=name)
+
+
+def torch_linear_init(fan_in: int):
+  """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs; torchvision's BasicBlock (expansion 1)."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  expansion = 1
+
+  def setup(self):
+    self.conv1 = _conv(self.planes, 3, self.stride, 1)
+    self.bn1 = BatchNorm()
+    self.conv2 = _conv(self.planes, 3, 1, 1)
+    self.bn2 = BatchNorm()
+    if self.downsample:
+      self.downsample_conv = _conv(self.planes, 1, self.stride, 0)
+      self.downsample_bn = BatchNorm()
+
+  def __call__(self, x, train: bool, mask=None):
+    out = nn.relu(self.bn1(self.conv1(x), train, mask))
+    out = self.bn2(self.conv2(out), train, mask)
+    identity = self.downsample_bn(self.downsample_conv(x), train, mask) if self.downsample else x
+    return nn.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (strided) -> 1x1 convs; torchvision's Bottleneck (expansion 4)."""
+  planes: int
+  stride: int = 1
+  downsample: bool = False
+  expansion = 4
+
+  def setup(self):
+    self.conv1 = _conv(self.planes, 1)
+    self.bn1 = BatchNorm()
+    self.conv2 = _conv(self.planes, 3, self.stride, 1)
+    self.bn2 = BatchNorm()
+    self.conv3 = _conv(self.planes * 4, 1)
+    self.bn3 = BatchNorm()
+    if self.downsample:
+      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0)
+      self.downsample_bn = BatchNorm()
+
+  def __call__(self, x, train: bool, mask=None):
+    out = nn.relu(self.bn1(self.conv1(x), train, mask))
+    out = nn.relu(self.bn2(self.conv2(out), train, mask))
+    out = self.bn3(self.conv3(out), train, mask)
+    identity = self.downsample_bn(self.downsample_conv(x), train, mask) if self.downsample else x
+    return nn.relu(out + identity)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+  block: str                 # 'basic' | 'bottleneck'
+  stage_sizes: tuple[int, ...]
+
+  @property
+  def block_cls(self):
+    return BasicBlock if self.block == 'basic' else Bottleneck
+
+  @property
+  def num_features(self) -> int:
+    return 512 * self.block_cls.expansion
+
+
+ARCHS: dict[str, ResNetSpec] = {
+    'resnet18': ResNetSpec('basic', (2, 2, 2, 2)),
+    'resnet34': ResNetSpec('basic', (3, 4, 6, 3)),
+    'resnet50': ResNetSpec('bottleneck', (3, 4, 6, 3)),
+    'resnet101': ResNetSpec('bottleneck', (3, 4, 23, 3)),
+}
+
+STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
+
+
+class ResNet(nn.Module):
+  """torchvision ResNet: `features` is everything up to the pooled vector, `head` is `fc`.
+
+  The split lets a frozen-backbone train step run the backbone outside `jax.grad`, so no
+  backward pass goes through what does not learn.
+  """
+  arch: str = 'resnet18'
+  num_classes: int = 1000
+
+  def setup(self):
+    spec = ARCHS[self.arch]
+    self.conv1 = _conv(64, 7, 2, 3)
+    self.bn1 = BatchNorm()
+    in_planes = 64
+    for stage, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), spec.stage_sizes), start=1):
+      blocks = []
+      for index in range(num_blocks):
+        stride = 2 if (stage > 1 and index == 0) else 1
+        needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
+        blocks.append(spec.block_cls(planes, stride, needs_downsample, name=f'layer{stage}_{index}'))
+        in_planes = planes * spec.block_cls.expansion
+      setattr(self, f'layer{stage}', blocks)
+    self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
+                       bias_init=torch_linear_init(spec.num_features), name='fc')
+
+  def features(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               return_stages: bool = False) -> Any:
+    """Backbone: image batch (NHWC, normalised) -> pooled features (B, num_features).
+
+    With `return_stages`, also returns {'stem', 'layer1'..'layer4'} activations (NHWC)."""
+    stages = {}
+    x = nn.relu(self.bn1(self.conv1(x_bhwc), train, mask_b))
+    # torch pads max-pool input with -inf, which is what reduce_window's init value does here.
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    stages['stem'] = x
+    for stage in range(1, 5):
+      for block in getattr(self, f'layer{stage}'):
+        x = block(x, train, mask_b)
+      stages[f'layer{stage}'] = x
+    pooled = jnp.mean(x, axis=(1, 2))
+    return (pooled, stages) if return_stages else pooled
+
+  def head(self, features_bd: jax.Array) -> jax.Array:
+    return self.fc(features_bd)
+
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
+    return self.head(self.features(x_bhwc, train, mask_b))
+
+
+def create_model(arch: str, num_classes: int) -> ResNet:
+  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`."""
+  if arch not in ARCHS:
+    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  return ResNet(arch=arch, num_classes=num_classes)
+
+
+def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:
+  """Random {'params', 'batch_stats'} for `model` (torchvision's init distributions)."""
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
+
+
+def num_features(arch: str) -> int:
+  return ARCHS[arch].num_features
+
+
+def stage_sizes(arch: str) -> Sequence[int]:
+  return ARCHS[arch].stage_sizes
