@@ -1,0 +1,66 @@
+"""Shared tolerances and torch-side builders for the parity tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Every parity tolerance in one place. Relative errors are max|ours - torch| / max|torch|.
+TOL = {
+    'logits_rel': 1e-4,        # eval logits (the issue's bound)
+    'activation_rel': 1e-4,    # stem / layer1..4 outputs
+    'running_stat_abs': 1e-5,  # BN running mean/var after a train-mode forward
+    'grad_rel': 1e-4,          # per-tensor gradient of the CE loss
+    'pixel_abs': 1e-6,         # preprocessing, float pixels
+    'train_loss_abs': 1e-5,    # per-step loss in the 5-step SGD comparison
+    'train_param_rel': 1e-4,   # parameters after 5 SGD steps
+}
+
+
+def rel_err(ours, ref) -> float:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-12))
+
+
+def data_root() -> Path:
+  """The genuine hymenoptera_data beside the checkout (or TL_JAX_DATA_ROOT)."""
+  env = os.environ.get('TL_JAX_DATA_ROOT')
+  return Path(env) if env else Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'hymenoptera_data'
+
+
+def require_data() -> Path:
+  root = data_root()
+  if not (root / 'train').is_dir():
+    pytest.skip(f'hymenoptera_data not found at {root}')
+  return root
+
+
+def random_torchvision_model(arch: str, num_classes: int, seed: int = 0):
+  """A torchvision model with random weights and randomised BN affine params and running stats.
+
+  BN with its default init (scale 1, bias 0, mean 0, var 1) is nearly the identity in eval
+  mode, which would hide a wrong mapping of BN tensors.
+  """
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  torch.manual_seed(seed)
+  model = getattr(torchvision.models, arch)(num_classes=num_classes)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+        module.running_mean.uniform_(-0.5, 0.5)
+        module.running_var.uniform_(0.5, 2.0)
+  return model
+
+
+def state_dict_numpy(model) -> dict[str, np.ndarray]:
+  return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))

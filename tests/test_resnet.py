@@ -1,0 +1,149 @@
+"""Flax ResNets against torchvision's, computed in the test on the same weights and inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import TOL, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy
+from tl_jax.convert import flax_to_torch, name_table, torch_to_flax
+from tl_jax.models import create_model
+
+torch = pytest.importorskip('torch')
+
+NUM_CLASSES = 7
+
+
+def _pair(arch, seed=0):
+  tmodel = random_torchvision_model(arch, NUM_CLASSES, seed)
+  model = create_model(arch, NUM_CLASSES)
+  variables = torch_to_flax(state_dict_numpy(tmodel), arch)
+  return tmodel, model, variables
+
+
+def _images(batch, size, seed=1):
+  return np.random.default_rng(seed).standard_normal((batch, 3, size, size), dtype=np.float32)
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet34'])
+def test_eval_logits_and_stage_activations(arch):
+  tmodel, model, variables = _pair(arch)
+  tmodel.eval()
+  x = _images(2, 224)
+
+  captured = {}
+  hooks = [getattr(tmodel, name).register_forward_hook(
+      lambda _m, _i, out, name=name: captured.__setitem__(name, out.detach().numpy()))
+           for name in ('maxpool', 'layer1', 'layer2', 'layer3', 'layer4')]
+  with torch.no_grad():
+    logits_ref = tmodel(torch.from_numpy(x)).numpy()
+  for h in hooks:
+    h.remove()
+
+  features, stages = model.apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=False,
+                                 return_stages=True, method='features')
+  logits = model.apply(variables, features, method='head')
+
+  assert rel_err(logits, logits_ref) <= TOL['logits_rel']
+  for ours, theirs in [('stem', 'maxpool'), ('layer1', 'layer1'), ('layer2', 'layer2'),
+                       ('layer3', 'layer3'), ('layer4', 'layer4')]:
+    ref = nchw_to_nhwc(captured[theirs])
+    assert stages[ours].shape == ref.shape, ours
+    assert rel_err(stages[ours], ref) <= TOL['activation_rel'], ours
+  # Full __call__ is features + head.
+  assert rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), logits_ref) <= TOL['logits_rel']
+
+
+def test_bottleneck_resnet50_eval_logits():
+  tmodel, model, variables = _pair('resnet50')
+  tmodel.eval()
+  x = _images(2, 96)
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(x)).numpy()
+  assert rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), ref) <= TOL['logits_rel']
+
+
+def _torch_running_stats(tmodel):
+  return {k: v.numpy().copy() for k, v in tmodel.state_dict().items()
+          if k.endswith('running_mean') or k.endswith('running_var')}
+
+
+def _flax_running_stats(batch_stats, arch):
+  """batch_stats leaves under their torch names, through the conversion's name table."""
+  out = {}
+  for entry in name_table(arch):
+    if entry.collection == 'batch_stats':
+      value = batch_stats
+      for key in entry.path:
+        value = value[key]
+      out[entry.torch_name] = np.asarray(value)
+  return out
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet34'])
+def test_train_mode_forward_updates_running_stats_like_torch(arch):
+  tmodel, model, variables = _pair(arch)
+  tmodel.train()
+  x = _images(4, 64)
+  with torch.no_grad():
+    out_ref = tmodel(torch.from_numpy(x)).numpy()
+  out, updates = model.apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=True, mutable=['batch_stats'])
+  assert rel_err(out, out_ref) <= TOL['logits_rel']
+
+  ref_stats = _torch_running_stats(tmodel)
+  ours = _flax_running_stats(updates['batch_stats'], arch)
+  assert ref_stats.keys() == ours.keys()
+  worst = max(np.max(np.abs(ours[k] - ref_stats[k])) for k in ref_stats)
+  assert worst <= TOL['running_stat_abs']
+  # The update must have happened (guards against comparing two untouched copies).
+  before = state_dict_numpy(random_torchvision_model(arch, NUM_CLASSES, 0))
+  assert not np.allclose(before['layer4.0.bn1.running_var'], ours['layer4.0.bn1.running_var'])
+
+
+def test_masked_batch_norm_equals_torch_on_the_smaller_batch():
+  """A padded batch with mask=False rows normalises as torch does the valid rows alone."""
+  arch = 'resnet18'
+  tmodel, model, variables = _pair(arch)
+  tmodel.train()
+  x = _images(4, 64)
+  with torch.no_grad():
+    out_ref = tmodel(torch.from_numpy(x[:3])).numpy()
+  padded = x.copy()
+  padded[3] = 123.0  # garbage in the padding row must not leak into the statistics
+  mask = jnp.asarray([True, True, True, False])
+  out, updates = model.apply(variables, jnp.asarray(nchw_to_nhwc(padded)), train=True, mask_b=mask,
+                             mutable=['batch_stats'])
+  assert rel_err(np.asarray(out)[:3], out_ref) <= TOL['logits_rel']
+  ref_stats = _torch_running_stats(tmodel)
+  ours = _flax_running_stats(updates['batch_stats'], arch)
+  assert max(np.max(np.abs(ours[k] - ref_stats[k])) for k in ref_stats) <= TOL['running_stat_abs']
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'resnet34'])
+def test_cross_entropy_gradients_match_torch(arch):
+  tmodel, model, variables = _pair(arch)
+  tmodel.train()
+  x = _images(4, 64)
+  labels = np.array([0, 3, 6, 2])
+  loss_ref = torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(labels))
+  loss_ref.backward()
+  grads_ref = {name: p.grad.numpy() for name, p in tmodel.named_parameters()}
+
+  def loss_fn(params):
+    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                            jnp.asarray(nchw_to_nhwc(x)), train=True, mutable=['batch_stats'])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], axis=1))
+
+  loss, grads = jax.value_and_grad(loss_fn)(variables['params'])
+  assert abs(float(loss) - loss_ref.item()) <= TOL['train_loss_abs']
+
+  grads_torch_layout = flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
+  checked = 0
+  for entry in name_table(arch):
+    if entry.collection != 'params':
+      continue
+    err = rel_err(grads_torch_layout[entry.torch_name], grads_ref[entry.torch_name])
+    assert err <= TOL['grad_rel'], (entry.torch_name, err)
+    checked += 1
+  assert checked == len(grads_ref)
