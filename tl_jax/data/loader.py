@@ -1,0 +1,136 @@
+"""Fixed-shape, masked, prefetched batches decoded and augmented by worker threads.
+
+- One batch shape per phase, so each jitted step compiles once: a last partial batch is
+  padded with zero images whose `mask` is False. Training keeps every sample each epoch, as
+  the tutorial's DataLoader does; the masked BatchNorm and the masked loss make a padded
+  batch compute exactly what torch computes on the smaller batch.
+- Reproducible: the shuffle of epoch e comes from (seed, e) and the augmentation of a sample
+  from (seed, e, position), so the same seed gives identical batches whatever the thread
+  timing, and a resumed run sees the batches it would have seen.
+- Threads, not processes: PIL decodes and resizes with the GIL released, and so does the
+  jitted step, so workers run while the step computes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import time
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from tl_jax.data.folder import load_image
+
+# image -> float32 HWC array; `rng` is None for deterministic (eval) transforms.
+Transform = Callable[[Image.Image, Optional[np.random.Generator]], np.ndarray]
+
+
+@dataclasses.dataclass
+class Batch:
+  images: np.ndarray   # (B, H, W, 3) float32
+  labels: np.ndarray   # (B,) int32
+  mask: np.ndarray     # (B,) bool, False on padding rows
+  indices: np.ndarray  # (B,) dataset index per row, -1 on padding
+
+  def as_dict(self) -> dict[str, np.ndarray]:
+    return {'images': self.images, 'labels': self.labels, 'mask': self.mask}
+
+
+class Loader:
+  """Batches of `samples` (path, label) through `transform`.
+
+  Args:
+    samples: (path, label) pairs, e.g. `ImageFolder.samples`.
+    transform: image, rng -> float32 HWC array of a fixed shape.
+    batch_size: rows per batch, padding included.
+    shuffle: a new permutation each epoch.
+    seed: base of every random draw.
+    workers: decode/augment threads (0: in the calling thread).
+    prefetch: batches in flight ahead of the consumer.
+    load: path -> PIL image (default: `load_image`, RGB).
+  """
+
+  def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, batch_size: int,
+               shuffle: bool, seed: int = 0, workers: int = 2, prefetch: int = 4,
+               load: Callable[[str], Image.Image] = load_image):
+    if not samples:
+      raise ValueError('no samples to load')
+    self.samples = list(samples)
+    self.transform = transform
+    self.batch_size = batch_size
+    self.shuffle = shuffle
+    self.seed = seed
+    self.workers = workers
+    self.prefetch = prefetch
+    self.load = load
+    self.wait_seconds = 0.0  # time the consumer spent blocked on data, reset each epoch
+
+  def __len__(self) -> int:
+    return -(-len(self.samples) // self.batch_size)
+
+  def order(self, epoch: int) -> np.ndarray:
+    if not self.shuffle:
+      return np.arange(len(self.samples))
+    return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+
+  def _example(self, epoch: int, position: int, index: int) -> np.ndarray:
+    path, _ = self.samples[index]
+    rng = np.random.default_rng([self.seed, epoch, position]) if self.shuffle else None
+    return self.transform(self.load(path), rng)
+
+  def _assemble(self, rows: list[np.ndarray], indices: np.ndarray) -> Batch:
+    valid = len(rows)
+    images = np.zeros((self.batch_size,) + rows[0].shape, np.float32)
+    images[:valid] = rows
+    labels = np.zeros(self.batch_size, np.int32)
+    labels[:valid] = [self.samples[i][1] for i in indices]
+    mask = np.arange(self.batch_size) < valid
+    padded_indices = np.full(self.batch_size, -1, np.int64)
+    padded_indices[:valid] = indices
+    return Batch(images, labels, mask, padded_indices)
+
+  def epoch(self, epoch: int) -> Iterator[Batch]:
+    """The batches of `epoch`, prepared `prefetch` batches ahead by the worker threads."""
+    self.wait_seconds = 0.0
+    order = self.order(epoch)
+    # A chunk is the (position in the epoch, dataset index) pairs of one batch.
+    chunks = [list(enumerate(order))[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+
+    def assemble(chunk, rows):
+      return self._assemble(rows, np.array([index for _, index in chunk], np.int64))
+
+    if self.workers == 0:
+      for chunk in chunks:
+        start = time.perf_counter()
+        batch = assemble(chunk, [self._example(epoch, p, int(i)) for p, i in chunk])
+        self.wait_seconds += time.perf_counter() - start
+        yield batch
+      return
+
+    with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix='tl_jax-data') as pool:
+      pending: collections.deque = collections.deque()
+      upcoming = iter(chunks)
+
+      def submit_next():
+        chunk = next(upcoming, None)
+        if chunk is not None:
+          pending.append((chunk, [pool.submit(self._example, epoch, p, int(i)) for p, i in chunk]))
+
+      for _ in range(self.prefetch):
+        submit_next()
+      try:
+        while pending:
+          chunk, futures = pending.popleft()
+          start = time.perf_counter()
+          batch = assemble(chunk, [f.result() for f in futures])
+          self.wait_seconds += time.perf_counter() - start
+          submit_next()
+          yield batch
+      finally:
+        # An abandoned epoch (error, interrupt) must not keep decoding in the background.
+        for _, futures in pending:
+          for f in futures:
+            f.cancel()

@@ -1,0 +1,63 @@
+"""File-level conversion: a torchvision .pth/.safetensors <-> a tl_jax model checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tl_jax import checkpoint, convert, weights
+from tl_jax.models import create_model, init_variables
+
+
+def imagenet_class_names() -> Optional[list[str]]:
+  """ImageNet-1k class names from torchvision when it is installed, else None."""
+  try:
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+  except ImportError:
+    return None
+  return list(_IMAGENET_CATEGORIES)
+
+
+def import_torch_weights(src: str | Path, out: str | Path, arch: Optional[str] = None,
+                         class_names: Optional[Sequence[str]] = None, overwrite: bool = False) -> checkpoint.ModelCheckpoint:
+  """Converts a torchvision state dict file into a model checkpoint at `out`.
+
+  Args:
+    src: a .pth/.pt (read with weights_only=True) or .safetensors state dict.
+    out: directory to create.
+    arch: expected architecture; by default the one whose tensor names the file has.
+    class_names: names of the `fc` outputs, if known (ImageNet's are filled in for 1000).
+  """
+  state_dict = weights.load_state_dict(src)
+  guessed = convert.guess_arch(state_dict)
+  if arch is None:
+    if guessed is None:
+      raise convert.ConversionError(f'{src}: its tensor names match no known architecture; pass --arch')
+    arch = guessed
+  elif guessed is not None and guessed != arch:
+    raise convert.ConversionError(f'{src} holds {guessed} weights, not {arch}; pass --arch {guessed}')
+  num_classes = convert.head_num_classes(state_dict)
+  if num_classes is None:
+    raise convert.ConversionError(f'{src} has no fc.weight; it is not a torchvision classifier state dict')
+  reference = init_variables(create_model(arch, num_classes), _rng(), image_size=32)
+  variables = convert.torch_to_flax(state_dict, arch, reference=reference)
+  if class_names is None and num_classes == 1000:
+    class_names = imagenet_class_names()
+  preprocessing = weights.load_preprocessing(src) or weights.Preprocessing()
+  metadata = checkpoint.make_metadata(arch, num_classes, preprocessing.to_dict(),
+                                      list(class_names) if class_names else None, source=str(src))
+  checkpoint.save_model(out, variables, metadata, overwrite=overwrite)
+  return checkpoint.ModelCheckpoint(variables, metadata)
+
+
+def export_torch_weights(checkpoint_dir: str | Path, dst: str | Path) -> dict:
+  """Writes the model checkpoint's variables as a torchvision state dict (.pth or .safetensors)."""
+  model = checkpoint.load_model(checkpoint_dir)
+  state_dict = convert.flax_to_torch(model.variables, model.arch)
+  weights.save_state_dict(state_dict, dst)
+  return state_dict
+
+
+def _rng():
+  import jax
+  return jax.random.PRNGKey(0)
