@@ -1,0 +1,1 @@
+"""Data: the hymenoptera folder, its download, transforms and batching."""

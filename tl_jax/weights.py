@@ -1,0 +1,379 @@
+"""Where weights come from: torchvision's ImageNet files, local .pth/.safetensors, or none.
+
+Downloads follow torch.hub: the same cache (`<hub>/checkpoints/<filename>`), the same
+sha256 prefix taken from the file name, a temp file renamed into place so a broken
+download never looks like a checkpoint. Imports no torch at module level: torch is only
+needed to read or write .pth files (`pip install 'tl_jax[torch]'`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import http.client
+import json
+import os
+import re
+import ssl
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+
+class WeightsError(ValueError):
+  """Weights cannot be found, downloaded, verified or read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """The input pipeline the weights were trained with (torchvision's ImageClassification)."""
+  mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+  std: tuple[float, ...] = (0.229, 0.224, 0.225)
+  resize_size: int = 256
+  crop_size: int = 224
+  interpolation: str = 'bilinear'
+
+  def to_dict(self) -> dict[str, Any]:
+    return {'mean': list(self.mean), 'std': list(self.std), 'resize_size': self.resize_size,
+            'crop_size': self.crop_size, 'interpolation': self.interpolation}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> 'Preprocessing':
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise WeightsError(f'unknown preprocessing keys {unknown}; known: {sorted(known)}')
+    kwargs = dict(d)
+    for key in ('mean', 'std'):
+      if key in kwargs:
+        kwargs[key] = tuple(float(v) for v in kwargs[key])
+    return cls(**kwargs)
+
+
+IMAGENET_PREPROCESSING = Preprocessing()
+
+# torchvision's IMAGENET1K_V1 weights (the tutorial's `pretrained=True`).
+IMAGENET_URLS = {
+    'resnet18': 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
+    'resnet34': 'https://download.pytorch.org/models/resnet34-b627a593.pth',
+    'resnet50': 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
+    'resnet101': 'https://download.pytorch.org/models/resnet101-63fe2227.pth',
+    'vgg16': 'https://download.pytorch.org/models/vgg16-397923af.pth',
+}
+DEFAULT_BASE_URL = 'https://download.pytorch.org/models/'
+BASE_URL_ENV = 'TL_JAX_WEIGHTS_BASE_URL'
+
+# torch.hub.HASH_REGEX: 'resnet18-f37072fd.pth' -> 'f37072fd'.
+_HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')
+_CHUNK = 128 * 1024
+_PREPROCESSING_KEY = 'tl_jax.preprocessing'
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
+_SAFETENSORS_SUFFIXES = ('.safetensors',)
+_SPEC_HELP = 'accepted values: imagenet | random | PATH (a local .pth or .safetensors state dict)'
+
+
+@dataclasses.dataclass
+class ResolvedWeights:
+  state_dict: Optional[dict[str, np.ndarray]]   # None for 'random'
+  source: str                                   # 'random', 'imagenet:<cached file>' or the local path
+  preprocessing: Preprocessing
+
+
+def torch_hub_dir() -> Path:
+  """`torch.hub.get_dir()` without importing torch (ignores `torch.hub.set_dir`)."""
+  torch_home = os.path.expanduser(
+      os.getenv('TORCH_HOME', os.path.join(os.getenv('XDG_CACHE_HOME', '~/.cache'), 'torch')))
+  return Path(torch_home) / 'hub'
+
+
+def sha256_prefix_from_name(filename: PathLike) -> Optional[str]:
+  """The hash prefix torch.hub checks for `filename` ('resnet18-f37072fd.pth' -> 'f37072fd'), or None."""
+  match = _HASH_REGEX.search(os.path.basename(os.fspath(filename)))
+  return match.group(1) if match and match.group(1) else None
+
+
+def _weights_hint(dst: Path) -> str:
+  return (f'Alternatives: put the file at {dst} yourself, or pass --weights PATH '
+          '(a local .pth/.safetensors state dict), or --weights random.')
+
+
+def download(url: str, dst: PathLike, expected_sha256_prefix: Optional[str] = None,
+             progress: bool = True, timeout: float = 60.0, hint: Optional[str] = None) -> Path:
+  """Fetches `url` to `dst` through a temp file in the same folder; `dst` appears only when complete.
+
+  Args:
+    url: http(s) or file URL.
+    dst: destination file; its folder is created.
+    expected_sha256_prefix: if given, the file's sha256 hex digest must start with it.
+    progress: show a tqdm bar on stderr.
+    timeout: seconds any single socket operation may block (not the whole download).
+    hint: what the user can do instead, appended to network errors; defaults to the
+      --weights alternatives.
+
+  Raises:
+    WeightsError on a network failure, a short read or a checksum mismatch.
+  """
+  from tqdm.auto import tqdm
+
+  dst = Path(dst).expanduser()
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  hint = _weights_hint(dst) if hint is None else hint
+  # Not NamedTemporaryFile: its 0600 mode would stick to the renamed file (torch.hub does the same).
+  tmp = dst.with_name(f'{dst.name}.{uuid.uuid4().hex}.partial')
+  sha256 = hashlib.sha256()
+  try:
+    with open(tmp, 'xb') as f:
+      request = urllib.request.Request(url, headers={'User-Agent': 'tl_jax'})
+      try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+          length = response.headers.get('Content-Length')
+          total = int(length) if length and length.isdigit() else None
+          received = 0
+          with tqdm(total=total, disable=not progress, unit='B', unit_scale=True,
+                    unit_divisor=1024, desc=dst.name) as bar:
+            while True:
+              chunk = response.read(_CHUNK)
+              if not chunk:
+                break
+              f.write(chunk)
+              sha256.update(chunk)
+              received += len(chunk)
+              bar.update(len(chunk))
+      except urllib.error.HTTPError as e:
+        raise WeightsError(f'cannot download {url}: the server answered HTTP {e.code} {e.reason}.\n'
+                           f'{hint}') from e
+      except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
+              ssl.SSLError) as e:
+        reason = getattr(e, 'reason', e)
+        raise WeightsError(f'cannot download {url}: offline or the server is unreachable ({reason}).\n'
+                           f'{hint}') from e
+      # http.client ends a read quietly when the server closes early; only the length tells.
+      if total is not None and received != total:
+        raise WeightsError(f'download of {url} was cut off after {received} of {total} bytes; '
+                           f'try again.\n{hint}')
+    digest = sha256.hexdigest()
+    if expected_sha256_prefix and not digest.startswith(expected_sha256_prefix):
+      raise WeightsError(f'checksum mismatch for {url}: expected sha256 starting with '
+                         f'{expected_sha256_prefix}, got {digest}. The file was discarded.')
+    os.replace(tmp, dst)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return dst
+
+
+def _import_torch():
+  try:
+    import torch
+  except ImportError as e:
+    raise WeightsError("reading or writing .pth files needs torch: pip install 'tl_jax[torch]', "
+                       'or use a .safetensors file instead') from e
+  return torch
+
+
+def _tensor_to_numpy(torch, tensor) -> np.ndarray:
+  tensor = tensor.detach().cpu()
+  if tensor.dtype == torch.bfloat16:
+    import ml_dtypes  # NumPy has no bfloat16; jax's ml_dtypes does, bit for bit.
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+  return tensor.numpy()
+
+
+def _numpy_to_tensor(torch, name: str, value) -> Any:
+  array = np.asarray(value)
+  if name.endswith('num_batches_tracked') and array.ndim == 0:
+    return torch.tensor(int(array), dtype=torch.int64)   # torch's BatchNorm keeps it int64
+  array = np.ascontiguousarray(array)
+  if array.dtype.name == 'bfloat16':
+    return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+  return torch.from_numpy(array.copy())
+
+
+def _torch_load(torch, path: Path) -> Any:
+  try:
+    return torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+    message = str(e)
+    found = re.search(r'Unsupported global: GLOBAL (\S+)', message)
+    if found:
+      raise WeightsError(
+          f'{path} holds pickled objects, not just tensors (found {found.group(1)}; e.g. a whole '
+          'nn.Module saved with torch.save(model)); refusing to unpickle them. Save '
+          'model.state_dict() instead.') from e
+    # torch's weights_only message is a page of advice; the reason sits after this marker.
+    reason = message.split('WeightsUnpickler error:', 1)[-1].split('Check the documentation', 1)[0]
+    reason = ' '.join(reason.split()) or type(e).__name__
+    raise WeightsError(f'{path} could not be read as a torch file; it may be corrupt or truncated '
+                       f'({type(e).__name__}: {reason})') from e
+
+
+def _unwrap(obj: Any, path: Path) -> Mapping:
+  if isinstance(obj, Mapping):
+    # Training checkpoints wrap the weights: {'model': sd, 'optimizer': ..., 'epoch': ...}.
+    for key in ('state_dict', 'model'):
+      if isinstance(obj.get(key), Mapping):
+        return obj[key]
+    return obj
+  raise WeightsError(f'{path} holds a {type(obj).__name__}, not a state dict (a dict of name -> tensor)')
+
+
+def _strip_module_prefix(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  # nn.DataParallel / DistributedDataParallel wrap the model as `.module`, so a state dict saved
+  # from the wrapper names every tensor 'module.<name>'. Strip only when all names have it.
+  if state_dict and all(k.startswith('module.') for k in state_dict):
+    return {k[len('module.'):]: v for k, v in state_dict.items()}
+  return state_dict
+
+
+def load_state_dict(path: PathLike) -> dict[str, np.ndarray]:
+  """Reads a state dict from .pth/.pt/.bin (torch, weights_only) or .safetensors as NumPy arrays.
+
+  Raises:
+    WeightsError naming the file when it is missing, unreadable, or not a state dict.
+  """
+  path = Path(path).expanduser()
+  if not path.is_file():
+    raise WeightsError(f'weights file not found: {path}')
+  suffix = path.suffix.lower()
+  if suffix in _SAFETENSORS_SUFFIXES:
+    import safetensors.numpy
+    try:
+      state_dict = safetensors.numpy.load_file(path)
+    except Exception as e:  # SafetensorError and friends
+      raise WeightsError(f'{path} could not be read as safetensors; it may be corrupt or truncated '
+                         f'({type(e).__name__}: {e})') from e
+  elif suffix in _TORCH_SUFFIXES:
+    torch = _import_torch()
+    obj = _unwrap(_torch_load(torch, path), path)
+    bad = [f'{k!r} ({type(v).__name__})' for k, v in obj.items()
+           if not (isinstance(k, str) and isinstance(v, torch.Tensor))]
+    if bad:
+      raise WeightsError(f'{path} is not a state dict: entries that are not name -> tensor: '
+                         + ', '.join(bad[:10]) + (' ...' if len(bad) > 10 else ''))
+    state_dict = {k: _tensor_to_numpy(torch, v) for k, v in obj.items()}
+  else:
+    raise WeightsError(f'{path}: unknown weights file type {suffix!r}; use '
+                       f'{" / ".join(_TORCH_SUFFIXES + _SAFETENSORS_SUFFIXES)}')
+  if not state_dict:
+    raise WeightsError(f'{path} holds no tensors')
+  return _strip_module_prefix(dict(state_dict))
+
+
+def load_preprocessing(path: PathLike) -> Optional[Preprocessing]:
+  """Preprocessing stored in a .safetensors file's metadata by `save_state_dict`, else None."""
+  path = Path(path).expanduser()
+  if path.suffix.lower() not in _SAFETENSORS_SUFFIXES:
+    return None
+  from safetensors import safe_open
+  try:
+    with safe_open(path, framework='np') as f:
+      metadata = f.metadata() or {}
+  except Exception as e:
+    raise WeightsError(f'{path} could not be read as safetensors ({type(e).__name__}: {e})') from e
+  if _PREPROCESSING_KEY not in metadata:
+    return None
+  try:
+    return Preprocessing.from_dict(json.loads(metadata[_PREPROCESSING_KEY]))
+  except (ValueError, TypeError) as e:
+    raise WeightsError(f'{path}: bad {_PREPROCESSING_KEY} metadata ({e})') from e
+
+
+def save_state_dict(state_dict: Mapping[str, Any], path: PathLike,
+                    preprocessing: Optional[Preprocessing] = None) -> Path:
+  """Writes `state_dict` (name -> array) as .pth (torch tensors) or .safetensors, atomically.
+
+  Args:
+    state_dict: name -> NumPy (or jax) array.
+    path: destination; the suffix picks the format.
+    preprocessing: stored in the metadata of a .safetensors file (a .pth stays a plain state dict).
+  """
+  path = Path(path).expanduser()
+  suffix = path.suffix.lower()
+  if suffix not in _TORCH_SUFFIXES + _SAFETENSORS_SUFFIXES:
+    raise WeightsError(f'{path}: unknown weights file type {suffix!r}; use .pth or .safetensors')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f'{path.name}.{uuid.uuid4().hex}.partial')
+  try:
+    if suffix in _SAFETENSORS_SUFFIXES:
+      import safetensors.numpy
+      metadata = None
+      if preprocessing is not None:
+        metadata = {_PREPROCESSING_KEY: json.dumps(preprocessing.to_dict())}
+      arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in state_dict.items()}
+      safetensors.numpy.save_file(arrays, tmp, metadata=metadata)
+    else:
+      torch = _import_torch()
+      torch.save({k: _numpy_to_tensor(torch, k, v) for k, v in state_dict.items()}, tmp)
+    os.replace(tmp, path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path
+
+
+def _url_filename(url: str) -> str:
+  return os.path.basename(urllib.parse.urlparse(url).path)
+
+
+def imagenet_url(arch: str, base_url: Optional[str] = None) -> str:
+  """torchvision's URL for `arch`, or the same file name under `base_url` / $TL_JAX_WEIGHTS_BASE_URL."""
+  if arch not in IMAGENET_URLS:
+    raise WeightsError(f'no ImageNet weights known for arch {arch!r}; '
+                       f'known: {", ".join(sorted(IMAGENET_URLS))}')
+  base_url = base_url or os.environ.get(BASE_URL_ENV)
+  if not base_url:
+    return IMAGENET_URLS[arch]
+  return base_url.rstrip('/') + '/' + _url_filename(IMAGENET_URLS[arch])
+
+
+def resolve_weights(spec: str, arch: str, *, cache_dir: Optional[PathLike] = None,
+                    base_url: Optional[str] = None, progress: bool = True) -> ResolvedWeights:
+  """Turns a --weights value into a NumPy state dict (or None) and its preprocessing.
+
+  Args:
+    spec: 'imagenet' (torchvision's IMAGENET1K_V1 file, cached like torch.hub), 'random'
+      (no weights), or a path to a .pth/.safetensors state dict.
+    arch: e.g. 'resnet18'; picks the ImageNet file.
+    cache_dir: where ImageNet files are cached; default `torch_hub_dir() / 'checkpoints'`,
+      so files torch already downloaded are reused.
+    base_url: mirror to download from instead of download.pytorch.org (file name appended);
+      also read from $TL_JAX_WEIGHTS_BASE_URL.
+    progress: show a download progress bar.
+
+  Raises:
+    WeightsError with what went wrong and what to pass instead.
+  """
+  if spec == 'random':
+    return ResolvedWeights(None, 'random', IMAGENET_PREPROCESSING)
+  if spec == 'imagenet':
+    url = imagenet_url(arch, base_url)
+    _import_torch()   # torchvision's files are .pth: fail before downloading one we cannot read
+    filename = _url_filename(IMAGENET_URLS[arch])
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else torch_hub_dir() / 'checkpoints'
+    cached = cache / filename
+    if cached.exists():
+      # Like torch.hub, a cached file is not re-hashed; a broken one shows when it is read.
+      try:
+        state_dict = load_state_dict(cached)
+      except WeightsError as e:
+        raise WeightsError(f'the cached ImageNet weights {cached} could not be read; the file may be '
+                           f'corrupt: delete it and run again to download a fresh copy.\n{e}') from e
+    else:
+      print(f'Downloading {url} to {cached}', file=sys.stderr)
+      download(url, cached, sha256_prefix_from_name(filename), progress=progress)
+      state_dict = load_state_dict(cached)
+    return ResolvedWeights(state_dict, f'imagenet:{cached}', IMAGENET_PREPROCESSING)
+  path = Path(spec).expanduser()
+  if not path.exists():
+    raise WeightsError(f'--weights {spec!r}: no such file; {_SPEC_HELP}')
+  state_dict = load_state_dict(path)
+  preprocessing = load_preprocessing(path) or IMAGENET_PREPROCESSING
+  return ResolvedWeights(state_dict, str(path), preprocessing)
