@@ -1,0 +1,189 @@
+"""The command-line entry points end to end, as a user runs them."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import TOL, data_root, random_torchvision_model, rel_err
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, *args, check=True, timeout=600):
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'PYTHONUNBUFFERED': '1'}
+  proc = subprocess.run([sys.executable, str(REPO / 'scripts' / name), *map(str, args)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f'{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')
+  return proc
+
+
+def sample_images():
+  """A few real hymenoptera images when present, else generated JPEGs."""
+  root = data_root() / 'val'
+  if root.is_dir():
+    return sorted(root.glob('*/*.jpg'))[::40][:4]
+  out = Path(os.environ.get('TMPDIR', '/tmp')) / 'tl_jax_sample_images'
+  out.mkdir(exist_ok=True)
+  rng = np.random.default_rng(0)
+  paths = []
+  for i, size in enumerate([(300, 200), (180, 260), (256, 256), (97, 403)]):
+    path = out / f'img{i}.jpg'
+    Image.fromarray(rng.integers(0, 256, size[::-1] + (3,), dtype=np.uint8)).save(path)
+    paths.append(path)
+  return paths
+
+
+def make_folder(root: Path, per_class: int = 4, val_per_class: int = 2, size=(96, 80)) -> Path:
+  rng = np.random.default_rng(1)
+  for split, n in (('train', per_class), ('val', val_per_class)):
+    for label, cls in enumerate(('ants', 'bees')):
+      folder = root / split / cls
+      folder.mkdir(parents=True)
+      for i in range(n):
+        base = np.full(size[::-1] + (3,), 60 + 120 * label, np.uint8)
+        noise = rng.integers(0, 60, base.shape, dtype=np.uint8)
+        Image.fromarray(base + noise).save(folder / f'{cls}_{i}.jpg')
+  return root
+
+
+def test_convert_predict_and_back_match_torchvision(tmp_path):
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  tmodel = random_torchvision_model('resnet18', 3).eval()
+  src = tmp_path / 'resnet18.pth'
+  torch.save(tmodel.state_dict(), src)
+
+  run_script('convert_weights.py', '--from-torch', src, '--out', tmp_path / 'ckpt', '--class-names', 'a,b,c')
+  images = sample_images()
+  out = run_script('predict.py', '--checkpoint', tmp_path / 'ckpt', '--json', *images)
+  results = json.loads(out.stdout)
+
+  import torchvision.transforms as T
+  tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                  T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+  with torch.no_grad():
+    ref = tmodel(torch.stack([tf(Image.open(p).convert('RGB')) for p in images])).numpy()
+  assert [r['path'] for r in results] == [str(p) for p in images]
+  err = rel_err(np.array([r['logits'] for r in results]), ref)
+  assert err <= TOL['logits_rel'], err
+  for r, row in zip(results, ref):
+    assert r['class_index'] == int(np.argmax(row))
+    assert r['class_name'] == 'abc'[r['class_index']]
+    np.testing.assert_allclose(sum(r['probs']), 1.0, rtol=1e-5)
+
+  run_script('convert_weights.py', '--to-torch', tmp_path / 'ckpt', '--out', tmp_path / 'back.pth')
+  back = torch.load(tmp_path / 'back.pth', weights_only=True)
+  fresh = torchvision.models.resnet18(num_classes=3)
+  fresh.load_state_dict(back, strict=True)
+  for name, tensor in tmodel.state_dict().items():
+    if not name.endswith('num_batches_tracked'):
+      assert torch.equal(back[name], tensor), name
+
+
+def test_predict_reports_unreadable_image_and_still_predicts_the_rest(tmp_path):
+  torch = pytest.importorskip('torch')
+  src = tmp_path / 'w.pth'
+  torch.save(random_torchvision_model('resnet18', 2).state_dict(), src)
+  run_script('convert_weights.py', '--from-torch', src, '--out', tmp_path / 'ckpt')
+  bad = tmp_path / 'broken.jpg'
+  bad.write_bytes(b'not a jpeg at all')
+  good = sample_images()[0]
+  proc = run_script('predict.py', '--checkpoint', tmp_path / 'ckpt', '--json', good, bad, check=False)
+  assert proc.returncode != 0
+  results = json.loads(proc.stdout)
+  assert results[0]['class_index'] in (0, 1) and 'error' not in results[0]
+  assert 'broken.jpg' in results[1]['error']
+  assert 'broken.jpg' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_convert_rejects_wrong_arch_and_non_state_dict(tmp_path):
+  torch = pytest.importorskip('torch')
+  src = tmp_path / 'r34.pth'
+  torch.save(random_torchvision_model('resnet34', 2).state_dict(), src)
+  proc = run_script('convert_weights.py', '--from-torch', src, '--out', tmp_path / 'x', '--arch', 'resnet18',
+                    check=False)
+  assert proc.returncode == 2 and 'resnet34' in proc.stderr and 'Traceback' not in proc.stderr
+  junk = tmp_path / 'junk.pth'
+  torch.save([1, 2, 3], junk)
+  proc = run_script('convert_weights.py', '--from-torch', junk, '--out', tmp_path / 'y', check=False)
+  assert proc.returncode == 2 and 'junk.pth' in proc.stderr and 'Traceback' not in proc.stderr
+  assert not (tmp_path / 'x').exists() and not (tmp_path / 'y').exists()
+
+
+def test_train_writes_artifacts_and_predict_loads_the_best_checkpoint(tmp_path):
+  data = make_folder(tmp_path / 'data')
+  workdir = tmp_path / 'run'
+  proc = run_script('train.py', '--strategy', 'frozen', '--data', data, '--weights', 'random', '--epochs', '2',
+                    '--workdir', workdir, '--no-progress')
+  assert 'Epoch 1/1' in proc.stdout and 'Best val Acc' in proc.stdout
+  for name in ('history.json', 'train_batch.png', 'predictions.png', 'curves.png'):
+    assert (workdir / name).is_file(), name
+  history = json.loads((workdir / 'history.json').read_text())
+  assert [row['epoch'] for row in history['epochs']] == [0, 1]
+  assert history['epochs'][1]['lr'] == pytest.approx(0.001)
+  best = max(row['val_acc'] for row in history['epochs'])
+  assert history['best_val_acc'] == best
+
+  images = sorted((data / 'val').glob('*/*.jpg'))
+  out = json.loads(run_script('predict.py', '--checkpoint', workdir, '--json', *images).stdout)
+  assert {r['class_name'] for r in out} <= {'ants', 'bees'}
+  # The restored best model reproduces the best epoch's val accuracy.
+  labels = ['ants' if 'ants' in r['path'] else 'bees' for r in out]
+  acc = np.mean([r['class_name'] == l for r, l in zip(out, labels)])
+  assert acc == pytest.approx(best)
+
+
+def test_train_refuses_bad_flags_and_missing_data(tmp_path):
+  proc = run_script('train.py', '--strategy', 'frozen', '--data', tmp_path / 'nope', '--weights', 'random',
+                    '--workdir', tmp_path / 'w', check=False)
+  assert proc.returncode == 2 and 'nope' in proc.stderr and 'Traceback' not in proc.stderr
+  proc = run_script('train.py', '--strategy', 'frozen', '--epochs', '0', '--workdir', tmp_path / 'w', check=False)
+  assert proc.returncode == 2 and 'epochs' in proc.stderr
+  data = make_folder(tmp_path / 'data')
+  (data / 'val' / 'wasps').mkdir()
+  Image.new('RGB', (50, 50)).save(data / 'val' / 'wasps' / 'w.jpg')
+  proc = run_script('train.py', '--data', data, '--weights', 'random', '--workdir', tmp_path / 'w', check=False)
+  assert proc.returncode == 2 and 'wasps' in proc.stderr
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path):
+  data = make_folder(tmp_path / 'data', per_class=8)
+  common = ['--strategy', 'finetune', '--data', data, '--weights', 'random', '--epochs', '3', '--no-progress']
+  run_script('train.py', *common, '--workdir', tmp_path / 'straight')
+
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'PYTHONUNBUFFERED': '1'}
+  killed = tmp_path / 'killed'
+  proc = subprocess.Popen([sys.executable, str(REPO / 'scripts' / 'train.py'), *map(str, common),
+                           '--workdir', str(killed)], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (killed / 'history.json').exists():
+    assert proc.poll() is None, 'run ended before its first epoch finished'
+    assert time.time() < deadline
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  finished = json.loads((killed / 'history.json').read_text())['epochs']
+  assert 1 <= len(finished) < 3
+
+  # Starting over in the same workdir would overwrite the run: refused.
+  again = run_script('train.py', *common, '--workdir', killed, check=False)
+  assert again.returncode == 2 and 'already holds a run' in again.stderr
+  out = run_script('train.py', *common, '--workdir', killed, '--resume').stdout
+  assert f'resuming {killed} after epoch' in out
+
+  resumed = json.loads((killed / 'history.json').read_text())['epochs']
+  straight = json.loads((tmp_path / 'straight' / 'history.json').read_text())['epochs']
+  assert [r['epoch'] for r in resumed] == [0, 1, 2]
+  for a, b in zip(resumed, straight):
+    for key in ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr'):
+      assert a[key] == pytest.approx(b[key], rel=1e-5), (a['epoch'], key)

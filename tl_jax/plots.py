@@ -1,0 +1,244 @@
+"""PNG figures of a run: an augmented train batch, val predictions, loss/accuracy curves.
+
+Figures are built from `matplotlib.figure.Figure` on an Agg canvas instead of pyplot: no
+backend is switched under a user who already has pyplot open, and no figure enters pyplot's
+global registry, so nothing accumulates across calls. Each PNG is written to a temporary file
+beside its destination and moved into place with `os.replace`, so a reader never sees half a
+file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import textwrap
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+PANEL_INCHES = 2.4   # about one 224-pixel image per panel at DPI
+DPI = 100
+TITLE_CHARS = 28     # about a panel's width at 10 pt; longer title lines wrap
+RIGHT_COLOR = 'tab:green'
+WRONG_COLOR = 'tab:red'
+CURVE_KEYS = ('epoch', 'train_loss', 'val_loss', 'train_acc', 'val_acc')
+
+
+def denormalize(images_bhwc: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+  """Inverse of ToTensor + Normalize: `x * std + mean` per channel, clipped to [0, 1], float32."""
+  images = np.asarray(images_bhwc, np.float32)
+  if images.ndim == 0:
+    raise ValueError('denormalize needs images with a trailing channel axis, got a scalar')
+  mean32, std32 = np.asarray(mean, np.float32).ravel(), np.asarray(std, np.float32).ravel()
+  num_channels = images.shape[-1]
+  for name, values in (('mean', mean32), ('std', std32)):
+    if values.size not in (1, num_channels):
+      raise ValueError(f'{name} has {values.size} values but the images have {num_channels} channels')
+  return np.clip(images * std32 + mean32, 0.0, 1.0)
+
+
+def save_train_batch(images_bhwc: np.ndarray, labels: Sequence[int], class_names: Sequence[str],
+                     mean: Sequence[float], std: Sequence[float], path: str | Path,
+                     max_images: int = 16) -> Path:
+  """Writes a grid of (augmented) training images, each titled with its class name.
+
+  The tutorial's `imshow(out, title=[class_names[x] for x in classes])`, one panel per image.
+
+  Args:
+    images_bhwc: normalised float images, (B, H, W, C).
+    labels: (B,) class indices into `class_names`.
+    class_names: name per class index.
+    mean, std: the Normalize parameters the images went through.
+    path: destination PNG; parent directories are created.
+    max_images: show at most this many (the first ones).
+
+  Returns:
+    `path` as a Path.
+  """
+  images = _check_images(images_bhwc)
+  labels = _check_labels(labels, len(images), class_names, 'labels')
+  if max_images < 1:
+    raise ValueError(f'max_images must be >= 1, got {max_images}')
+  count = min(len(images), max_images)
+  shown = denormalize(images[:count], mean, std)
+  titles = [_wrap(str(class_names[label])) for label in labels[:count]]
+  fig = _image_grid(shown, titles, [None] * count, ncols=min(count, 4))
+  suffix = f' (first {count} of {len(images)})' if count < len(images) else ''
+  fig.suptitle(f'train batch, augmented{suffix}')
+  return _save(fig, path)
+
+
+def save_predictions(images_bhwc: np.ndarray, predicted: Sequence[int], labels: Sequence[int],
+                     class_names: Sequence[str], mean: Sequence[float], std: Sequence[float],
+                     path: str | Path, num_images: int = 6) -> Path:
+  """Writes val images titled `predicted: X / true: Y`, green when right and red when wrong.
+
+  The tutorial's `visualize_model`, with the true class added.
+
+  Args:
+    images_bhwc: normalised float images, (B, H, W, C).
+    predicted: (B,) predicted class indices (argmax of the logits).
+    labels: (B,) true class indices.
+    class_names: name per class index.
+    mean, std: the Normalize parameters the images went through.
+    path: destination PNG; parent directories are created.
+    num_images: show the first `num_images` (fewer when the batch is smaller).
+
+  Returns:
+    `path` as a Path.
+  """
+  images = _check_images(images_bhwc)
+  predicted = _check_labels(predicted, len(images), class_names, 'predicted')
+  labels = _check_labels(labels, len(images), class_names, 'labels')
+  if num_images < 1:
+    raise ValueError(f'num_images must be >= 1, got {num_images}')
+  count = min(len(images), num_images)
+  shown = denormalize(images[:count], mean, std)
+  titles, colors = [], []
+  for pred, true in zip(predicted[:count], labels[:count]):
+    title = f'predicted: {class_names[pred]} / true: {class_names[true]}'
+    if len(title) > TITLE_CHARS:
+      title = '\n'.join([_wrap(f'predicted: {class_names[pred]}'), _wrap(f'true: {class_names[true]}')])
+    titles.append(title)
+    colors.append(RIGHT_COLOR if pred == true else WRONG_COLOR)
+  fig = _image_grid(shown, titles, colors, ncols=min(count, 3))
+  correct = int(np.sum(predicted[:count] == labels[:count]))
+  fig.suptitle(f'val predictions: {correct}/{count} correct')
+  return _save(fig, path)
+
+
+def save_curves(history: Sequence[dict], path: str | Path) -> Path:
+  """Writes loss and accuracy per epoch (train and val), the best val epoch marked, and the lr.
+
+  Args:
+    history: one row per epoch with keys epoch, train_loss, val_loss, train_acc, val_acc and
+      optionally lr (a log-scale third panel is drawn when every row has a positive lr).
+    path: destination PNG; parent directories are created.
+
+  Returns:
+    `path` as a Path.
+  """
+  if not history:
+    raise ValueError('history is empty: nothing to plot')
+  for i, row in enumerate(history):
+    missing = [key for key in CURVE_KEYS if key not in row]
+    if missing:
+      raise ValueError(f'history row {i} lacks {missing}; each row needs {list(CURVE_KEYS)}')
+
+  def column(key: str) -> np.ndarray:
+    return np.array([row[key] for row in history], np.float64)
+
+  epochs = column('epoch')
+  lrs = column('lr') if all('lr' in row for row in history) else None
+  show_lr = lrs is not None and bool(np.all(lrs > 0))
+
+  fig = Figure(figsize=(11.5 if show_lr else 9.0, 3.6), dpi=DPI, layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, 3 if show_lr else 2, gridspec_kw={'width_ratios': [1, 1, 0.6] if show_lr else [1, 1]})
+  loss_ax, acc_ax = axes[0], axes[1]
+  for ax, key, name in ((loss_ax, 'loss', 'loss'), (acc_ax, 'acc', 'accuracy')):
+    ax.plot(epochs, column(f'train_{key}'), 'o-', markersize=3, label='train')
+    ax.plot(epochs, column(f'val_{key}'), 's-', markersize=3, label='val')
+    ax.set_title(name)
+    _epoch_axis(ax, epochs)
+    ax.grid(alpha=0.3)
+
+  val_acc = column('val_acc')
+  if np.any(np.isfinite(val_acc)):
+    # The first maximum, as the training loop keeps the first epoch that reaches it.
+    best = int(np.nanargmax(val_acc))
+    for ax in (loss_ax, acc_ax):
+      ax.axvline(epochs[best], color='0.5', linestyle='--', linewidth=1)
+    acc_ax.plot(epochs[best], val_acc[best], '*', color='tab:red', markersize=12, zorder=3,
+                label=f'best val {val_acc[best]:.4f} (epoch {epochs[best]:g})')
+  loss_ax.legend(fontsize='small')
+  acc_ax.legend(fontsize='small')
+
+  if show_lr:
+    lr_ax = axes[2]
+    lr_ax.step(epochs, lrs, where='post', color='tab:purple')
+    lr_ax.plot(epochs, lrs, '.', color='tab:purple')
+    lr_ax.set_yscale('log')
+    lr_ax.set_title('learning rate')
+    _epoch_axis(lr_ax, epochs)
+    lr_ax.grid(alpha=0.3, which='both')
+  return _save(fig, path)
+
+
+def _epoch_axis(ax, epochs: np.ndarray) -> None:
+  ax.set_xlabel('epoch')
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+  # Half an epoch of margin; also keeps a one-epoch history from getting a zero-width axis.
+  ax.set_xlim(np.nanmin(epochs) - 0.5, np.nanmax(epochs) + 0.5)
+
+
+def _wrap(text: str) -> str:
+  return textwrap.fill(text, TITLE_CHARS)
+
+
+def _check_images(images_bhwc) -> np.ndarray:
+  images = np.asarray(images_bhwc)
+  if images.ndim != 4:
+    raise ValueError(f'images must be (B, H, W, C), got shape {images.shape}')
+  if len(images) == 0:
+    raise ValueError('no images to plot')
+  if images.shape[-1] not in (1, 3):
+    raise ValueError(f'images must have 1 or 3 channels (channels last), got shape {images.shape}')
+  return images
+
+
+def _check_labels(labels, num_images: int, class_names: Sequence[str], name: str) -> np.ndarray:
+  labels = np.asarray(labels)
+  if labels.ndim != 1:
+    raise ValueError(f'{name} must be one class index per image, got shape {labels.shape}')
+  if len(labels) != num_images:
+    raise ValueError(f'{len(labels)} {name} for {num_images} images')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f'{name} must be integer class indices, got dtype {labels.dtype}')
+  bad = labels[(labels < 0) | (labels >= len(class_names))]
+  if bad.size:
+    raise ValueError(f'{name} holds {bad[0]}, outside the {len(class_names)} class names')
+  return labels
+
+
+def _image_grid(images_bhwc: np.ndarray, titles: list[str], colors: list, ncols: int) -> Figure:
+  nrows = math.ceil(len(images_bhwc) / ncols)
+  fig = Figure(figsize=(ncols * PANEL_INCHES, nrows * (PANEL_INCHES + 0.35) + 0.3), dpi=DPI,
+               layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  for ax, image, title, color in zip(axes, images_bhwc, titles, colors):
+    if image.shape[-1] == 1:
+      ax.imshow(image[..., 0], cmap='gray', vmin=0.0, vmax=1.0)
+    else:
+      ax.imshow(image)
+    ax.set_title(title, fontsize=10, **({'color': color} if color else {}))
+  for ax in axes:
+    ax.axis('off')
+  return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+  """Renders `fig` to `path` through a temporary file in the same directory, then frees it."""
+  path = Path(path)
+  try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., 'xb') rather than mkstemp: mkstemp's 0600 mode would outlive the rename,
+    # while this file gets the usual umask-derived mode.
+    tmp = path.with_name(f'.{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+    try:
+      with open(tmp, 'xb') as f:
+        fig.savefig(f, format='png')
+      os.replace(tmp, path)
+    except BaseException:
+      tmp.unlink(missing_ok=True)
+      raise
+  finally:
+    # Break the figure's reference cycles now rather than at the next gc pass.
+    fig.clear()
+  return path
