@@ -187,3 +187,17 @@ def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path):
   for a, b in zip(resumed, straight):
     for key in ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr'):
       assert a[key] == pytest.approx(b[key], rel=1e-5), (a['epoch'], key)
+
+
+def test_unreadable_training_image_stops_the_run_unless_skipped(tmp_path):
+  data = make_folder(tmp_path / 'data')
+  good = (data / 'train' / 'ants' / 'ants_0.jpg').read_bytes()
+  bad = data / 'train' / 'ants' / 'truncated.jpg'
+  bad.write_bytes(good[:len(good) // 2])
+  common = ['--strategy', 'frozen', '--data', data, '--weights', 'random', '--epochs', '1', '--no-progress']
+  proc = run_script('train.py', *common, '--workdir', tmp_path / 'a', check=False)
+  assert proc.returncode == 2 and 'truncated.jpg' in proc.stderr and '--skip-bad-images' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+  proc = run_script('train.py', *common, '--workdir', tmp_path / 'b', '--skip-bad-images')
+  assert 'truncated.jpg' in proc.stdout + proc.stderr
+  assert 'skipped 1 unreadable image' in proc.stdout
