@@ -1,0 +1,277 @@
+"""Speed of tl_jax against the PyTorch tutorial: same recipe, same data, same machine, same run.
+
+For each strategy both frameworks train K epochs, one after the other (torch in a spawned child
+process, see `run_torch`). The table shows per-epoch
+train / val / total seconds and images per second; tl_jax's jit compile time is reported on its
+own line (it is not part of any epoch's seconds). The steady-state ratio tl_jax / PyTorch averages
+the epochs after the first (the first pays for warm-up: caches, worker start-up, allocations).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import inspect
+import multiprocessing
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from tl_jax.config import TrainConfig
+
+FRAMEWORKS = ('tl_jax', 'torch')
+
+
+@dataclasses.dataclass
+class FrameworkRun:
+  """One framework's K epochs of one strategy, reduced to what the report needs (JSON-able)."""
+  framework: str
+  history: list[dict]
+  compile_seconds: dict[str, float]
+  best_val_acc: float
+  best_epoch: int
+  wall_seconds: float  # the whole call: data listing, model init, compile, epochs, checkpoints
+  info: dict = dataclasses.field(default_factory=dict)  # e.g. the torch child's device and threads
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+  return lambda message: log('\n'.join(f'{prefix} {line}' for line in str(message).splitlines()) or prefix)
+
+
+def run_tl_jax(config: TrainConfig, log: Callable[[str], None] = print) -> FrameworkRun:
+  """`tl_jax.train.train_and_evaluate` in a temporary workdir, without progress bars or plots."""
+  from tl_jax.train import train_and_evaluate
+  kwargs: dict[str, Any] = {'progress': False, 'log': log}
+  if 'plots' in inspect.signature(train_and_evaluate).parameters:
+    kwargs['plots'] = False  # plotting is not part of the tutorial's loop
+  with tempfile.TemporaryDirectory(prefix='tl_jax_benchmark_') as workdir:
+    start = time.perf_counter()
+    result = train_and_evaluate(config, Path(workdir) / 'run', **kwargs)
+    wall = time.perf_counter() - start
+  return FrameworkRun('tl_jax', [dict(row) for row in result.history], dict(result.compile_seconds),
+                      float(result.best_val_acc), int(result.best_epoch), wall)
+
+
+def _log_stderr(prefix: str, message: str) -> None:
+  print('\n'.join(f'{prefix} {line}' for line in str(message).splitlines()) or prefix, file=sys.stderr, flush=True)
+
+
+def _torch_child(config: TrainConfig, data_root: str, state_dict, num_threads: Optional[int],
+                 prefix: str) -> FrameworkRun:
+  """Runs in a fresh process: the tutorial's loop and its forked DataLoader workers never see JAX."""
+  from tl_jax.reference.torch_tutorial import train_torch
+  start = time.perf_counter()
+  result = train_torch(config, data_root, state_dict=state_dict, log=functools.partial(_log_stderr, prefix),
+                       num_threads=num_threads)
+  wall = time.perf_counter() - start
+  return FrameworkRun('torch', [dict(row) for row in result.history], {}, float(result.best_val_acc),
+                      int(result.best_epoch), wall, {'device': result.device, 'threads': result.num_threads})
+
+
+def run_torch(config: TrainConfig, data_root: str | Path, state_dict=None, num_threads: Optional[int] = None,
+              prefix: str = '[torch]') -> FrameworkRun:
+  """The tutorial's PyTorch loop (`tl_jax.reference.torch_tutorial`) in a spawned child process.
+
+  A child because JAX, once imported here, runs threads, and the tutorial's DataLoader workers
+  are fork()ed: forking a process with JAX's threads can deadlock. The child imports no JAX, and
+  its progress lines go straight to stderr.
+  """
+  context = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    return pool.submit(_torch_child, config, str(data_root), state_dict, num_threads, prefix).result()
+
+
+def steady_state_epochs(num_epochs: int) -> list[int]:
+  """0-based indices of the epochs averaged for the steady state: all but the first when K >= 2."""
+  return list(range(1, num_epochs)) if num_epochs >= 2 else list(range(num_epochs))
+
+
+def _mean(values: Sequence[float]) -> float:
+  return sum(values) / len(values) if values else float('nan')
+
+
+def summarize(runs: dict[str, FrameworkRun], sizes: dict[str, int]) -> dict:
+  """Steady-state means per framework, the tl_jax / torch ratios and tl_jax's data-wait fraction."""
+  summary: dict[str, Any] = {}
+  for name, run in runs.items():
+    rows = [run.history[i] for i in steady_state_epochs(len(run.history))]
+    train_s = _mean([r['train_seconds'] for r in rows])
+    val_s = _mean([r['val_seconds'] for r in rows])
+    wait = sum(r.get('data_wait_seconds', float('nan')) for r in rows)
+    summary[name] = {
+        'epochs': [r['epoch'] for r in rows],
+        'train_seconds': train_s, 'val_seconds': val_s, 'seconds': _mean([r['seconds'] for r in rows]),
+        'train_images_per_second': sizes['train'] / train_s, 'val_images_per_second': sizes['val'] / val_s,
+        'data_wait_fraction': wait / sum(r['train_seconds'] for r in rows) if rows else float('nan'),
+    }
+  if set(FRAMEWORKS) <= set(summary):
+    ours, theirs = summary['tl_jax'], summary['torch']
+    summary['ratio_tl_jax_over_torch'] = {k: ours[k] / theirs[k] for k in ('train_seconds', 'val_seconds', 'seconds')}
+  return summary
+
+
+def environment(torch_threads: Optional[int], workers: int) -> dict:
+  """Devices, versions and thread counts of both frameworks (imports only what is installed)."""
+  import jax
+  env: dict[str, Any] = {
+      'python': platform.python_version(), 'machine': platform.machine(),
+      'cpu_count': os.cpu_count(),
+      'cpus_usable': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
+      'jax': jax.__version__, 'jax_devices': [str(d) for d in jax.devices()],
+      'jax_backend': jax.default_backend(),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'tl_jax_loader_workers': workers,
+  }
+  try:
+    import flax
+    env['flax'] = flax.__version__
+  except ImportError:
+    pass
+  try:
+    import torch
+    import torchvision
+  except ImportError:
+    return env
+  torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+  env.update({
+      'torch': torch.__version__, 'torchvision': torchvision.__version__,
+      'torch_device': 'cuda:0' if torch.cuda.is_available() else 'cpu',
+      'torch_threads': torch.get_num_threads(), 'torch_interop_threads': torch.get_num_interop_threads(),
+      'torch_dataloader_workers': workers,
+  })
+  if torch.cuda.is_available():
+    env['torch_device_name'] = torch.cuda.get_device_name(0)
+  return env
+
+
+def dataset_sizes(data_root: str | Path) -> dict[str, int]:
+  """Images per split as ImageFolder counts them (non-image files such as .gif are not counted)."""
+  from tl_jax.data.folder import ImageFolder
+  return {split: len(ImageFolder(Path(data_root) / split)) for split in ('train', 'val')}
+
+
+def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen', 'finetune'), epochs: int = 2,
+                  weights: str = 'random', torch_threads: Optional[int] = None, workers: Optional[int] = None,
+                  run_jax: bool = True, run_reference: bool = True, seed: int = 0,
+                  log: Callable[[str], None] = print) -> dict:
+  """Trains each strategy for `epochs` epochs with tl_jax and with the torch tutorial; returns the report.
+
+  Args:
+    data_root: hymenoptera_data-like folder with train/ and val/.
+    strategies: any of 'frozen', 'finetune'.
+    epochs: K; the steady state averages epochs 2..K (1-based) when K >= 2.
+    weights: 'random' (speed does not depend on the values), 'imagenet' or a state-dict path;
+      both frameworks start from the same weights.
+    torch_threads: torch.set_num_threads; default os.cpu_count().
+    workers: loader workers for both (tl_jax threads, DataLoader processes); default TrainConfig's.
+    run_jax / run_reference: which frameworks to run.
+    seed: TrainConfig.seed for both.
+    log: receives tl_jax's progress lines and the report's own (the torch child prints to stderr).
+
+  Returns:
+    A JSON-able dict: environment, dataset_sizes, epochs, strategies -> {runs, summary}.
+  """
+  if not (run_jax or run_reference):
+    raise ValueError('nothing to run: both tl_jax and torch are skipped')
+  workers = TrainConfig.workers if workers is None else workers
+  base = TrainConfig(data=str(data_root), weights=weights, epochs=epochs, workers=workers, seed=seed)
+  sizes = dataset_sizes(data_root)
+  env = environment(torch_threads, workers)
+  state_dict = None
+  if run_reference and weights != 'random':
+    from tl_jax.weights import resolve_weights
+    state_dict = resolve_weights(weights, base.arch, progress=False).state_dict
+  report: dict[str, Any] = {'environment': env, 'dataset_sizes': sizes, 'epochs': epochs, 'weights': weights,
+                            'config': base.to_dict(), 'strategies': {}}
+  for strategy in strategies:
+    config = dataclasses.replace(base, strategy=strategy).validate()
+    runs: dict[str, FrameworkRun] = {}
+    if run_jax:
+      log(f'== {strategy}: tl_jax, {epochs} epoch(s)')
+      runs['tl_jax'] = run_tl_jax(config, log=_prefixed(log, f'  [tl_jax {strategy}]'))
+    if run_reference:
+      log(f'== {strategy}: torch, {epochs} epoch(s)')
+      runs['torch'] = run_torch(config, data_root, state_dict, num_threads=env.get('torch_threads'),
+                                prefix=f'  [torch {strategy}]')
+    report['strategies'][strategy] = {
+        'runs': {name: run.to_dict() for name, run in runs.items()},
+        'summary': summarize(runs, sizes),
+    }
+  return report
+
+
+def _epoch_span(indices: Sequence[int]) -> str:
+  """0-based indices as 1-based epoch numbers: 'epoch 2' or 'epochs 2-5'."""
+  if not indices:
+    return 'no epochs'
+  first, last = indices[0] + 1, indices[-1] + 1
+  return f'epoch {first}' if first == last else f'epochs {first}-{last}'
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+  return 'n/a' if value != value else f'{value:.{digits}f}'
+
+
+def format_report(report: dict) -> str:
+  """The report as text: environment, then per strategy the epoch table and the summary lines."""
+  env, sizes, cfg = report['environment'], report['dataset_sizes'], report['config']
+  lines = [
+      f"device: jax {env['jax_devices']} ({env['jax_backend']}); torch {env.get('torch_device', 'not installed')}"
+      + (f" ({env['torch_device_name']})" if 'torch_device_name' in env else ''),
+      f"versions: jax {env['jax']}, flax {env.get('flax', '?')}, torch {env.get('torch', '-')}, "
+      f"torchvision {env.get('torchvision', '-')}, python {env['python']}",
+      f"threads: {env['cpus_usable']} usable CPUs (os.cpu_count {env['cpu_count']}); "
+      f"torch intra-op {env.get('torch_threads', '-')}, inter-op {env.get('torch_interop_threads', '-')}; "
+      f"XLA CPU uses its own pool (XLA_FLAGS={env['xla_flags'] or 'unset'}); "
+      f"loader workers: tl_jax {env['tl_jax_loader_workers']} threads, "
+      f"torch DataLoader {env.get('torch_dataloader_workers', '-')} processes",
+      f"data: {sizes['train']} train / {sizes['val']} val images; weights {report['weights']}; "
+      f"train batch {cfg['batch_size']} (both); val batch tl_jax {cfg['eval_batch_size']}, "
+      f"torch {cfg['batch_size']} (the tutorial's)",
+      'epoch numbers below are 1-based; seconds exclude tl_jax compilation; '
+      'data wait = share of train seconds spent waiting for the next batch',
+  ]
+  header = (f"{'epoch':>5}  {'framework':<9}  {'train s':>8}  {'val s':>7}  {'total s':>8}  "
+            f"{'train img/s':>11}  {'val img/s':>9}  {'data wait':>9}")
+  for strategy, entry in report['strategies'].items():
+    runs, summary = entry['runs'], entry['summary']
+    lines += ['', f"{strategy}, {report['epochs']} epoch(s)", header, '-' * len(header)]
+    num_epochs = max(len(run['history']) for run in runs.values())
+    for i in range(num_epochs):
+      for name in FRAMEWORKS:
+        if name not in runs or i >= len(runs[name]['history']):
+          continue
+        row = runs[name]['history'][i]
+        wait = row.get('data_wait_seconds', float('nan')) / row['train_seconds']
+        lines.append(f"{i + 1:>5}  {name:<9}  {row['train_seconds']:>8.2f}  {row['val_seconds']:>7.2f}  "
+                     f"{row['seconds']:>8.2f}  {sizes['train'] / row['train_seconds']:>11.1f}  "
+                     f"{sizes['val'] / row['val_seconds']:>9.1f}  {_fmt(100 * wait, 1):>8}%")
+    if 'tl_jax' in runs:
+      compile_seconds = runs['tl_jax']['compile_seconds']
+      parts = ', '.join(f'{k} {v:.2f} s' for k, v in compile_seconds.items())
+      lines.append(f"tl_jax compile (not in the epoch seconds): {parts} (total {sum(compile_seconds.values()):.2f} s)")
+    for name in FRAMEWORKS:
+      if name in summary:
+        s = summary[name]
+        lines.append(f"{name} steady state ({_epoch_span(s['epochs'])}): {s['seconds']:.2f} s/epoch "
+                     f"(train {s['train_seconds']:.2f} s = {s['train_images_per_second']:.1f} img/s, "
+                     f"val {s['val_seconds']:.2f} s = {s['val_images_per_second']:.1f} img/s), "
+                     f"wall for the whole run {runs[name]['wall_seconds']:.1f} s")
+    if 'ratio_tl_jax_over_torch' in summary:
+      r = summary['ratio_tl_jax_over_torch']
+      note = '' if report['epochs'] >= 2 else ' (only 1 epoch: includes warm-up)'
+      lines.append(f"ratio tl_jax/torch per epoch, {_epoch_span(summary['tl_jax']['epochs'])}{note}: "
+                   f"total {r['seconds']:.2f}, train {r['train_seconds']:.2f}, val {r['val_seconds']:.2f} "
+                   f"(< 1: tl_jax faster)")
+    if 'tl_jax' in summary:
+      lines.append(f"tl_jax data-wait fraction ({_epoch_span(summary['tl_jax']['epochs'])}): "
+                   f"{_fmt(100 * summary['tl_jax']['data_wait_fraction'], 1)}% of train seconds")
+  return '\n'.join(lines)
