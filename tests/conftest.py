@@ -7,3 +7,20 @@ import jax
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The measured parity errors: the worst value of each check next to its tolerance."""
+  from helpers import MEASURED, TOL
+  if not MEASURED:
+    return
+  worst: dict[tuple[str, str], tuple[float, str]] = {}
+  for test_id, what, err, tol_key in MEASURED:
+    key = (what, tol_key)
+    if key not in worst or err > worst[key][0]:
+      worst[key] = (err, test_id)
+  write = terminalreporter.write_line
+  terminalreporter.section('parity: worst measured error per check')
+  width = max(len(what) for what, _ in worst)
+  for (what, tol_key), (err, test_id) in sorted(worst.items()):
+    write(f'{what:<{width}}  {err:.3e}  <= {TOL[tol_key]:.0e} ({tol_key})  {test_id}')

@@ -22,6 +22,17 @@ TOL = {
 }
 
 
+# (test id, what, measured, tolerance key) of every parity check; conftest prints the worst per check.
+MEASURED: list[tuple[str, str, float, str]] = []
+
+
+def within(err: float, tol_key: str, what: str) -> bool:
+  """err <= TOL[tol_key], recording the measured value for the session's parity table."""
+  test_id = os.environ.get('PYTEST_CURRENT_TEST', '?').split(' ')[0]
+  MEASURED.append((test_id, what, float(err), tol_key))
+  return float(err) <= TOL[tol_key]
+
+
 def rel_err(ours, ref) -> float:
   ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
   return float(np.max(np.abs(ours - ref)) / max(np.max(np.abs(ref)), 1e-12))

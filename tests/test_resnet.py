@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import TOL, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy
+from helpers import TOL, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy, within
 from tl_jax.convert import flax_to_torch, name_table, torch_to_flax
 from tl_jax.models import create_model
 
@@ -44,12 +44,12 @@ def test_eval_logits_and_stage_activations(arch):
                                  return_stages=True, method='features')
   logits = model.apply(variables, features, method='head')
 
-  assert rel_err(logits, logits_ref) <= TOL['logits_rel']
+  assert within(rel_err(logits, logits_ref), 'logits_rel', f'eval logits {arch} (rel)')
   for ours, theirs in [('stem', 'maxpool'), ('layer1', 'layer1'), ('layer2', 'layer2'),
                        ('layer3', 'layer3'), ('layer4', 'layer4')]:
     ref = nchw_to_nhwc(captured[theirs])
     assert stages[ours].shape == ref.shape, ours
-    assert rel_err(stages[ours], ref) <= TOL['activation_rel'], ours
+    assert within(rel_err(stages[ours], ref), 'activation_rel', f'eval {ours} activations {arch} (rel)'), ours
   # Full __call__ is features + head.
   assert rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), logits_ref) <= TOL['logits_rel']
 
@@ -60,7 +60,7 @@ def test_bottleneck_resnet50_eval_logits():
   x = _images(2, 96)
   with torch.no_grad():
     ref = tmodel(torch.from_numpy(x)).numpy()
-  assert rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), ref) <= TOL['logits_rel']
+  assert within(rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), ref), 'logits_rel', 'eval logits resnet50 (rel)')
 
 
 def _torch_running_stats(tmodel):
@@ -88,13 +88,13 @@ def test_train_mode_forward_updates_running_stats_like_torch(arch):
   with torch.no_grad():
     out_ref = tmodel(torch.from_numpy(x)).numpy()
   out, updates = model.apply(variables, jnp.asarray(nchw_to_nhwc(x)), train=True, mutable=['batch_stats'])
-  assert rel_err(out, out_ref) <= TOL['logits_rel']
+  assert within(rel_err(out, out_ref), 'logits_rel', f'train-mode logits {arch} (rel)')
 
   ref_stats = _torch_running_stats(tmodel)
   ours = _flax_running_stats(updates['batch_stats'], arch)
   assert ref_stats.keys() == ours.keys()
   worst = max(np.max(np.abs(ours[k] - ref_stats[k])) for k in ref_stats)
-  assert worst <= TOL['running_stat_abs']
+  assert within(worst, 'running_stat_abs', f'BN running stats after a train forward {arch} (abs)')
   # The update must have happened (guards against comparing two untouched copies).
   before = state_dict_numpy(random_torchvision_model(arch, NUM_CLASSES, 0))
   assert not np.allclose(before['layer4.0.bn1.running_var'], ours['layer4.0.bn1.running_var'])
@@ -113,10 +113,11 @@ def test_masked_batch_norm_equals_torch_on_the_smaller_batch():
   mask = jnp.asarray([True, True, True, False])
   out, updates = model.apply(variables, jnp.asarray(nchw_to_nhwc(padded)), train=True, mask_b=mask,
                              mutable=['batch_stats'])
-  assert rel_err(np.asarray(out)[:3], out_ref) <= TOL['logits_rel']
+  assert within(rel_err(np.asarray(out)[:3], out_ref), 'logits_rel', 'masked train-mode logits (rel)')
   ref_stats = _torch_running_stats(tmodel)
   ours = _flax_running_stats(updates['batch_stats'], arch)
-  assert max(np.max(np.abs(ours[k] - ref_stats[k])) for k in ref_stats) <= TOL['running_stat_abs']
+  assert within(max(np.max(np.abs(ours[k] - ref_stats[k])) for k in ref_stats), 'running_stat_abs',
+                'masked BN running stats (abs)')
 
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet34'])
@@ -136,7 +137,7 @@ def test_cross_entropy_gradients_match_torch(arch):
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], axis=1))
 
   loss, grads = jax.value_and_grad(loss_fn)(variables['params'])
-  assert abs(float(loss) - loss_ref.item()) <= TOL['train_loss_abs']
+  assert within(abs(float(loss) - loss_ref.item()), 'train_loss_abs', f'train-mode CE loss {arch} (abs)')
 
   grads_torch_layout = flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
   checked = 0
@@ -144,7 +145,7 @@ def test_cross_entropy_gradients_match_torch(arch):
     if entry.collection != 'params':
       continue
     err = rel_err(grads_torch_layout[entry.torch_name], grads_ref[entry.torch_name])
-    assert err <= TOL['grad_rel'], (entry.torch_name, err)
+    assert within(err, 'grad_rel', f'gradients float32, worst tensor {arch} (rel)'), (entry.torch_name, err)
     checked += 1
   assert checked == len(grads_ref)
 
@@ -175,4 +176,4 @@ def test_cross_entropy_gradients_match_torch_in_float64(arch):
     grads = jax.device_get(jax.grad(loss_fn)(variables['params']))
   grads_torch_layout = flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
   worst = max(rel_err(grads_torch_layout[k], grads_ref[k]) for k in grads_ref)
-  assert worst <= TOL['grad_rel_f64'], worst
+  assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), worst
