@@ -216,6 +216,10 @@ def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress:
       state, sums = step_fn(state, batch.as_dict())
     else:
       sums = step_fn(state, batch.as_dict())
+    # Wait for the step before asking for the next batch: with asynchronous dispatch the loader's
+    # wait would otherwise overlap the running step and overstate starvation (and the progress
+    # bar would run ahead). The workers keep preparing batches meanwhile, so nothing is lost.
+    jax.block_until_ready(sums)
     device_sums.append({k: sums[k] for k in totals})
   # One transfer at the end: per-step float() calls would block the host on every step.
   for sums in jax.device_get(device_sums):
