@@ -1,0 +1,67 @@
+"""The benchmark: its arithmetic on made-up histories, and one tiny run of both frameworks."""
+
+import math
+
+import pytest
+
+from test_scripts import make_folder, run_script
+from tl_jax import benchmark
+
+
+def _run(framework, seconds):
+  """A FrameworkRun whose epoch i took seconds[i] = (train, val), with 1 s of data wait each."""
+  history = [{'epoch': i, 'train_seconds': t, 'val_seconds': v, 'seconds': t + v, 'data_wait_seconds': 1.0}
+             for i, (t, v) in enumerate(seconds)]
+  return benchmark.FrameworkRun(framework, history, {}, 0.5, 0, sum(t + v for t, v in seconds))
+
+
+def test_steady_state_drops_the_first_epoch_and_ratios_are_ours_over_torch():
+  runs = {'tl_jax': _run('tl_jax', [(100.0, 50.0), (8.0, 2.0), (12.0, 2.0)]),
+          'torch': _run('torch', [(30.0, 9.0), (20.0, 4.0), (20.0, 4.0)])}
+  summary = benchmark.summarize(runs, {'train': 200, 'val': 100})
+  ours, theirs = summary['tl_jax'], summary['torch']
+  assert ours['epochs'] == [1, 2]
+  assert ours['train_seconds'] == pytest.approx(10.0) and ours['seconds'] == pytest.approx(12.0)
+  assert ours['train_images_per_second'] == pytest.approx(20.0)
+  assert ours['val_images_per_second'] == pytest.approx(50.0)
+  assert ours['data_wait_fraction'] == pytest.approx(2.0 / 20.0)
+  ratio = summary['ratio_tl_jax_over_torch']
+  assert ratio['seconds'] == pytest.approx(12.0 / 24.0)
+  assert ratio['train_seconds'] == pytest.approx(10.0 / 20.0)
+  assert ratio['val_seconds'] == pytest.approx(2.0 / 4.0)
+  assert theirs['seconds'] == pytest.approx(24.0)
+
+
+def test_one_epoch_is_its_own_steady_state_and_one_framework_has_no_ratio():
+  summary = benchmark.summarize({'tl_jax': _run('tl_jax', [(4.0, 1.0)])}, {'train': 8, 'val': 4})
+  assert summary['tl_jax']['epochs'] == [0]
+  assert summary['tl_jax']['train_images_per_second'] == pytest.approx(2.0)
+  assert 'ratio_tl_jax_over_torch' not in summary
+
+
+@pytest.mark.slow
+def test_both_frameworks_train_the_tiny_folder_and_the_report_has_every_epoch(tmp_path):
+  pytest.importorskip('torch')
+  pytest.importorskip('torchvision')
+  root = make_folder(tmp_path / 'data')
+  report = benchmark.run_benchmark(root, strategies=('frozen',), epochs=2, workers=0, log=lambda _: None)
+  entry = report['strategies']['frozen']
+  assert report['dataset_sizes'] == {'train': 8, 'val': 4}
+  for name in benchmark.FRAMEWORKS:
+    history = entry['runs'][name]['history']
+    assert [row['epoch'] for row in history] == [0, 1]
+    assert all(row['train_seconds'] > 0 and row['val_seconds'] > 0 for row in history)
+    # Both ran the tutorial's learning rate in both epochs (StepLR steps at epoch 7).
+    assert [row['lr'] for row in history] == pytest.approx([0.001, 0.001])
+  assert set(entry['runs']['tl_jax']['compile_seconds']) == {'train_step', 'eval_step'}
+  ratio = entry['summary']['ratio_tl_jax_over_torch']['seconds']
+  assert math.isfinite(ratio) and ratio > 0
+  text = benchmark.format_report(report)
+  assert 'ratio tl_jax/torch' in text and 'frozen, 2 epoch(s)' in text
+
+
+def test_script_refuses_bad_flags():
+  proc = run_script('benchmark.py', '--epochs', '0', check=False)
+  assert proc.returncode == 2 and '--epochs must be >= 1' in proc.stderr
+  proc = run_script('benchmark.py', '--skip-torch', '--skip-jax', check=False)
+  assert proc.returncode == 2 and 'leave nothing to run' in proc.stderr
