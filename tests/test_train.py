@@ -200,3 +200,15 @@ def test_first_sgd_steps_match_pytorch_in_float32(augmented, strategy):
   losses, _, _ = _jax_run(variables, strategy, 'train', ours_images, labels)
   assert within(np.max(np.abs(np.subtract(losses[:2], torch_losses[:2]))), 'train_loss_abs',
                 f'first 2 SGD steps float32 {strategy}: loss (abs)'), (losses, torch_losses)
+
+
+def test_prediction_figure_samples_span_every_class_in_the_val_batch_shape():
+  from tl_jax.data.loader import Loader
+  from tl_jax.train import spread_sample_loader
+  samples = [(f'{c}_{i}.jpg', label) for label, c in enumerate('abc') for i in range(7)]
+  loader = Loader(samples, lambda img, _rng: np.zeros((2, 2, 3), np.float32), batch_size=32, shuffle=False,
+                  workers=0, load=lambda path: path)
+  batch = next(iter(spread_sample_loader(loader, 6).epoch(0)))
+  assert batch.images.shape[0] == 32 and int(batch.mask.sum()) == 6
+  # Evenly spaced over 21 class-sorted samples: positions 0, 4, 8, 12, 16, 20.
+  assert batch.labels[batch.mask].tolist() == [0, 0, 1, 1, 2, 2]

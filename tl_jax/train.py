@@ -168,6 +168,17 @@ def make_loaders(config: TrainConfig, data: Data, preprocessing: Preprocessing) 
   return train, val
 
 
+def spread_sample_loader(loader: Loader, count: int) -> Loader:
+  """`count` samples evenly spaced through `loader`'s (class-sorted) samples, in its batch shape.
+
+  The val folder lists classes one after the other, so its first batch may hold one class only;
+  the tutorial's figure draws from a shuffled loader and shows a mix.
+  """
+  picks = np.unique(np.linspace(0, len(loader.samples) - 1, min(count, len(loader.samples))).astype(int))
+  return Loader([loader.samples[i] for i in picks], loader.transform, loader.batch_size, shuffle=False,
+                workers=0, load=loader.load)
+
+
 # ---------------------------------------------------------------------------------- loop
 
 
@@ -349,7 +360,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *, resume: bool
                         batch_stats=jax.device_put(best.variables['batch_stats']))
   if plots:
     from tl_jax import plots as plot_lib
-    batch = next(iter(val_loader.epoch(0)))
+    batch = next(iter(spread_sample_loader(val_loader, 6).epoch(0)))
     predictions = np.asarray(eval_fn(state, batch.as_dict())['predictions'])
     shown = int(min(6, batch.mask.sum()))
     plot_lib.save_predictions(batch.images[:shown], predictions[:shown], batch.labels[:shown], class_names,
