@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tl_jax.checkpoint import ModelCheckpoint, load_model
-from tl_jax.data.folder import DataError, load_image
+from tl_jax.data.folder import DataError, ImageReadError, load_image
 from tl_jax.data.transforms import EvalTransform
 from tl_jax.models import create_model
 
@@ -60,6 +60,9 @@ def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path]) -> l
   for index, path in enumerate(paths):
     try:
       ready.append((index, transform(load_image(path))))
+    except ImageReadError as e:
+      # The reason alone: the training hint (--skip-bad-images) means nothing to predict.
+      results[index] = Prediction(path=str(path), error=f'cannot read image {path}: {e.bad[0][1]}')
     except (DataError, OSError) as e:
       results[index] = Prediction(path=str(path), error=str(e))
 
