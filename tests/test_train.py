@@ -212,3 +212,53 @@ def test_prediction_figure_samples_span_every_class_in_the_val_batch_shape():
   assert batch.images.shape[0] == 32 and int(batch.mask.sum()) == 6
   # Evenly spaced over 21 class-sorted samples: positions 0, 4, 8, 12, 16, 20.
   assert batch.labels[batch.mask].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def _timed_loader(seconds_per_sample, num_samples=6, prefetch=2):
+  import time as _time
+  from tl_jax.data.loader import Loader
+
+  def load(path):
+    _time.sleep(seconds_per_sample)
+    return path
+
+  samples = [(str(i), 0) for i in range(num_samples)]
+  return Loader(samples, lambda img, _rng: np.zeros((2, 2, 3), np.float32), batch_size=1, shuffle=False,
+                workers=1, prefetch=prefetch, load=load)
+
+
+def _step_taking(seconds):
+  """A step whose outputs become ready `seconds` after dispatch, as an asynchronous device step does."""
+  import concurrent.futures
+  import time as _time
+  pool = concurrent.futures.ThreadPoolExecutor(1)
+
+  class Pending:
+    def __init__(self):
+      self.done = pool.submit(_time.sleep, seconds)
+
+    def is_ready(self):
+      return self.done.done()
+
+    def __array__(self, dtype=None, copy=None):
+      self.done.result()
+      return np.asarray(1.0, dtype)
+
+  def step(state, batch):
+    pending = Pending()
+    return state, {'loss_sum': pending, 'correct': pending, 'count': pending}
+
+  return step
+
+
+def test_starvation_counts_waits_with_no_step_running_and_not_waits_behind_a_running_step():
+  from tl_jax.train import run_phase
+  # Data-bound: every batch takes 0.1 s to load, steps are instant, so the device starves ~0.6 s.
+  _, totals, starved = run_phase(_step_taking(0.0), None, _timed_loader(0.1), 0, True, False, 'train')
+  assert totals['count'] == 6
+  assert starved >= 0.4
+  # Step-bound: a batch takes 0.1 s and is only started when the previous one is taken, a step
+  # 0.2 s. The host waits ~0.1 s for every batch, but behind a running step: only the first
+  # fetch starves the device.
+  _, _, starved = run_phase(_step_taking(0.2), None, _timed_loader(0.1, prefetch=1), 0, True, False, 'train')
+  assert starved < 0.25

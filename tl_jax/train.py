@@ -218,25 +218,40 @@ def _compile(fn, *args) -> tuple[Callable, float]:
 
 def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress: bool,
               desc: str) -> tuple[Any, dict, float]:
-  """Runs one phase; returns (state, host-summed metrics, seconds spent waiting for data)."""
+  """Runs one phase; returns (state, host-summed metrics, seconds the device starved for data).
+
+  Steps are dispatched asynchronously, so the host fetches batch n+1 while step n runs and the
+  device never idles between well-fed steps. Starvation is the part of a wait for data during
+  which no step was running: a wait counts when the step in flight had finished by the time
+  the batch arrived (an upper bound: it may have finished partway through), and not at all
+  when that step was still running.
+  """
   from tqdm.auto import tqdm
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
   device_sums = []
-  for batch in tqdm(loader.epoch(epoch), total=len(loader), desc=desc, leave=False, disable=not progress):
-    if train:
-      state, sums = step_fn(state, batch.as_dict())
-    else:
-      sums = step_fn(state, batch.as_dict())
-    # Wait for the step before asking for the next batch: with asynchronous dispatch the loader's
-    # wait would otherwise overlap the running step and overstate starvation (and the progress
-    # bar would run ahead). The workers keep preparing batches meanwhile, so nothing is lost.
-    jax.block_until_ready(sums)
-    device_sums.append({k: sums[k] for k in totals})
+  starved = 0.0
+  in_flight = None
+  batches = iter(loader.epoch(epoch))
+  with tqdm(total=len(loader), desc=desc, leave=False, disable=not progress) as bar:
+    while True:
+      start = time.perf_counter()
+      batch = next(batches, None)
+      if in_flight is None or in_flight.is_ready():
+        starved += time.perf_counter() - start
+      if batch is None:
+        break
+      if train:
+        state, sums = step_fn(state, batch.as_dict())
+      else:
+        sums = step_fn(state, batch.as_dict())
+      in_flight = sums['count']
+      device_sums.append({k: sums[k] for k in totals})
+      bar.update()
   # One transfer at the end: per-step float() calls would block the host on every step.
   for sums in jax.device_get(device_sums):
     for k in totals:
       totals[k] += float(sums[k])
-  return state, totals, loader.wait_seconds
+  return state, totals, starved
 
 
 def train_and_evaluate(config: TrainConfig, workdir: str | Path, *, resume: bool = False,
