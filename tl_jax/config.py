@@ -82,4 +82,24 @@ def load_config(path: Optional[str | Path] = None, **overrides: Any) -> TrainCon
   unknown = sorted(set(values) - known)
   if unknown:
     raise ConfigError(f'unknown config keys {unknown}; known: {sorted(known)}')
-  return TrainConfig(**values).validate()
+  source = f' in {path}' if path is not None else ''
+  return TrainConfig(**{k: _typed(k, v, source) for k, v in values.items()}).validate()
+
+
+def _typed(key: str, value: Any, source: str) -> Any:
+  """`value` as the type of TrainConfig's default for `key` (an int is a float too); else ConfigError."""
+  expected = type(getattr(TrainConfig, key))
+  if expected is float and isinstance(value, int) and not isinstance(value, bool):
+    return float(value)
+  if expected is float and isinstance(value, str):
+    # YAML 1.1 reads `1e-3` (no dot) as a string; it is meant as a number.
+    try:
+      return float(value)
+    except ValueError:
+      pass
+  if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+    return value
+  raise ConfigError(f'{key}{source} must be {_TYPE_NAMES[expected]}, got {value!r}')
+
+
+_TYPE_NAMES = {int: 'a whole number', float: 'a number', bool: 'true or false', str: 'a string'}
