@@ -60,7 +60,8 @@ def test_bottleneck_resnet50_eval_logits():
   x = _images(2, 96)
   with torch.no_grad():
     ref = tmodel(torch.from_numpy(x)).numpy()
-  assert within(rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), ref), 'logits_rel', 'eval logits resnet50 (rel)')
+  assert within(rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), ref),
+                'logits_rel', 'eval logits resnet50 (rel)')
 
 
 def _torch_running_stats(tmodel):

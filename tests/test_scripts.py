@@ -153,6 +153,14 @@ def test_train_refuses_bad_flags_and_missing_data(tmp_path):
   Image.new('RGB', (50, 50)).save(data / 'val' / 'wasps' / 'w.jpg')
   proc = run_script('train.py', '--data', data, '--weights', 'random', '--workdir', tmp_path / 'w', check=False)
   assert proc.returncode == 2 and 'wasps' in proc.stderr
+  (tmp_path / 'a_file').write_text('')
+  for workdir, reason in ((tmp_path / 'a_file', 'is a file'), (tmp_path / 'a_file' / 'run', 'Not a directory')):
+    proc = run_script('train.py', '--data', data, '--weights', 'random', '--workdir', workdir, check=False)
+    assert proc.returncode == 2 and reason in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+  config = tmp_path / 'c.yaml'
+  config.write_text('epochs: many\n')
+  proc = run_script('train.py', '--config', config, check=False)
+  assert proc.returncode == 2 and "epochs in" in proc.stderr and "'many'" in proc.stderr
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_run(tmp_path):

@@ -197,10 +197,12 @@ def test_to_normalized_array_matches_torchvision(tvf, mode, width, height):
   img = _odd_image(mode, width, height)
   mean, std = _channel_stats(len(img.getbands()))
   ref = tvf.normalize(tvf.to_tensor(img), list(mean), list(std))
-  assert within(max_diff_vs_chw(T.to_normalized_array(img, mean, std), ref), 'pixel_abs', 'ToTensor+Normalize, generated images')
+  assert within(max_diff_vs_chw(T.to_normalized_array(img, mean, std), ref),
+                'pixel_abs', 'ToTensor+Normalize, generated images')
   # One mean/std for all channels broadcasts, as in torch.
   ref = tvf.normalize(tvf.to_tensor(img), [0.5], [0.25])
-  assert within(max_diff_vs_chw(T.to_normalized_array(img, (0.5,), (0.25,)), ref), 'pixel_abs', 'ToTensor+Normalize, generated images')
+  assert within(max_diff_vs_chw(T.to_normalized_array(img, (0.5,), (0.25,)), ref),
+                'pixel_abs', 'ToTensor+Normalize, generated images')
 
 
 def test_to_normalized_array_refuses_what_torchvision_refuses(tvf, torch):
@@ -265,10 +267,13 @@ def test_ops_and_pipelines_match_torchvision_on_real_images(tvf, tvt):
     c = params.crop
     assert_same_pil(T.resized_crop(img, c, 224), tvf.resized_crop(img, c.top, c.left, c.height, c.width, [224, 224]))
     ref = tvf.normalize(tvf.to_tensor(img), list(T.IMAGENET_MEAN), list(T.IMAGENET_STD))
-    assert within(max_diff_vs_chw(T.to_normalized_array(img), ref), 'pixel_abs', 'ToTensor+Normalize, real images'), path
-    assert within(max_diff_vs_chw(T.EvalTransform()(img), eval_reference(img)), 'pixel_abs', 'val pipeline, real images'), path
+    assert within(max_diff_vs_chw(T.to_normalized_array(img), ref),
+                  'pixel_abs', 'ToTensor+Normalize, real images'), path
+    assert within(max_diff_vs_chw(T.EvalTransform()(img), eval_reference(img)),
+                  'pixel_abs', 'val pipeline, real images'), path
     ref = _torchvision_train_output(tvf, img, params, 224, T.IMAGENET_MEAN, T.IMAGENET_STD)
-    assert within(max_diff_vs_chw(train.apply(img, params), ref), 'pixel_abs', 'train pipeline (same params), real images'), path
+    assert within(max_diff_vs_chw(train.apply(img, params), ref),
+                  'pixel_abs', 'train pipeline (same params), real images'), path
     count += 1
   assert count >= 15
 
@@ -288,7 +293,8 @@ def test_train_transform_replays_torchvision_random_pipeline(torch, tvt):
       torch.manual_seed(1000 * index + draw)
       params = transform.sample(TorchDraws(torch), img.width, img.height)
       flips.add(params.flip)
-      assert within(max_diff_vs_chw(transform.apply(img, params), expected), 'pixel_abs', 'train pipeline (same params)')
+      assert within(max_diff_vs_chw(transform.apply(img, params), expected),
+                    'pixel_abs', 'train pipeline (same params)')
   assert flips == {False, True}
 
 

@@ -237,7 +237,8 @@ def format_report(report: dict) -> str:
       f"train batch {cfg['batch_size']} (both); val batch tl_jax {cfg['eval_batch_size']}, "
       f"torch {cfg['batch_size']} (the tutorial's)",
       'epoch numbers below are 1-based; seconds exclude tl_jax compilation; '
-      'data wait = share of train seconds spent waiting for the next batch',
+      'data wait = share of train seconds the step starved for data '
+      '(tl_jax: waiting with no step running; torch: blocked in the DataLoader)',
   ]
   header = (f"{'epoch':>5}  {'framework':<9}  {'train s':>8}  {'val s':>7}  {'total s':>8}  "
             f"{'train img/s':>11}  {'val img/s':>9}  {'data wait':>9}")

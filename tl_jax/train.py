@@ -270,6 +270,14 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *, resume: bool
   """
   config.validate()
   workdir = Path(workdir).absolute()
+  # Before any slow step: a workdir that cannot be written would otherwise fail after the first epoch.
+  if workdir.exists() and not workdir.is_dir():
+    raise RunError(f'--workdir {workdir} is a file, not a directory; choose another --workdir')
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise RunError(f'--workdir {workdir} cannot be used as a run directory ({e.strerror or e}); '
+                   'choose another --workdir') from e
   run_manager_path = workdir / checkpoint.RUN_DIR
   has_run = run_manager_path.is_dir() and any(p.name.isdigit() for p in run_manager_path.iterdir())
   if has_run and not resume:
@@ -287,7 +295,6 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, *, resume: bool
 
   history: list[dict] = []
   best_val_acc, best_epoch, start_epoch = -1.0, -1, 0
-  workdir.mkdir(parents=True, exist_ok=True)
   run_manager = _run_manager(workdir)
   best_manager = checkpoint.best_manager(workdir)
   if resume and has_run:
