@@ -12,7 +12,6 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import inspect
 import multiprocessing
 import os
 import platform
@@ -42,26 +41,28 @@ class FrameworkRun:
     return dataclasses.asdict(self)
 
 
+def _prefix_lines(prefix: str, message: str) -> str:
+  return '\n'.join(f'{prefix} {line}' for line in str(message).splitlines()) or prefix
+
+
 def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
-  return lambda message: log('\n'.join(f'{prefix} {line}' for line in str(message).splitlines()) or prefix)
+  return lambda message: log(_prefix_lines(prefix, message))
 
 
 def run_tl_jax(config: TrainConfig, log: Callable[[str], None] = print) -> FrameworkRun:
   """`tl_jax.train.train_and_evaluate` in a temporary workdir, without progress bars or plots."""
   from tl_jax.train import train_and_evaluate
-  kwargs: dict[str, Any] = {'progress': False, 'log': log}
-  if 'plots' in inspect.signature(train_and_evaluate).parameters:
-    kwargs['plots'] = False  # plotting is not part of the tutorial's loop
   with tempfile.TemporaryDirectory(prefix='tl_jax_benchmark_') as workdir:
     start = time.perf_counter()
-    result = train_and_evaluate(config, Path(workdir) / 'run', **kwargs)
+    # No plots: plotting is not part of the tutorial's loop.
+    result = train_and_evaluate(config, Path(workdir) / 'run', progress=False, plots=False, log=log)
     wall = time.perf_counter() - start
   return FrameworkRun('tl_jax', [dict(row) for row in result.history], dict(result.compile_seconds),
                       float(result.best_val_acc), int(result.best_epoch), wall)
 
 
 def _log_stderr(prefix: str, message: str) -> None:
-  print('\n'.join(f'{prefix} {line}' for line in str(message).splitlines()) or prefix, file=sys.stderr, flush=True)
+  print(_prefix_lines(prefix, message), file=sys.stderr, flush=True)
 
 
 def _torch_child(config: TrainConfig, data_root: str, state_dict, num_threads: Optional[int],
@@ -140,11 +141,12 @@ def environment(torch_threads: Optional[int], workers: int) -> dict:
     import torchvision
   except ImportError:
     return env
-  torch.set_num_threads(torch_threads or os.cpu_count() or 1)
   env.update({
       'torch': torch.__version__, 'torchvision': torchvision.__version__,
       'torch_device': 'cuda:0' if torch.cuda.is_available() else 'cpu',
-      'torch_threads': torch.get_num_threads(), 'torch_interop_threads': torch.get_num_interop_threads(),
+      # What the torch child is told to use (run_torch passes it on); this process runs no torch.
+      'torch_threads': torch_threads or os.cpu_count() or 1,
+      'torch_interop_threads': torch.get_num_interop_threads(),
       'torch_dataloader_workers': workers,
   })
   if torch.cuda.is_available():

@@ -89,10 +89,8 @@ def load_config(path: Optional[str | Path] = None, **overrides: Any) -> TrainCon
 def _typed(key: str, value: Any, source: str) -> Any:
   """`value` as the type of TrainConfig's default for `key` (an int is a float too); else ConfigError."""
   expected = type(getattr(TrainConfig, key))
-  if expected is float and isinstance(value, int) and not isinstance(value, bool):
-    return float(value)
-  if expected is float and isinstance(value, str):
-    # YAML 1.1 reads `1e-3` (no dot) as a string; it is meant as a number.
+  if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+    # An int is a float too, and YAML 1.1 reads `1e-3` (no dot) as a string meant as a number.
     try:
       return float(value)
     except ValueError:
