@@ -1,10 +1,15 @@
 #!/usr/bin/env python
-"""Train a classifier the way PyTorch's transfer-learning tutorial does.
+"""Train a classifier the way PyTorch's transfer-learning tutorial does, or any recipe in a config.
 
   python scripts/train.py --strategy frozen      # only the new fc learns
   python scripts/train.py --strategy finetune    # every parameter learns
+  python scripts/train.py --strategy two-stage   # fc first (--head-epochs), then all layers at lr/10
+  python scripts/train.py --trainable layer4,head           # partial unfreezing, one stage
+  python scripts/train.py --config configs/resnet101_two_stage.yaml --data data/weather
 
-Values come from configs/<strategy>.yaml (or --config); flags override them.
+Values come from --config, else configs/<strategy>.yaml; flags override them. --epochs, --lr and --bn
+apply to every stage of the recipe (with --strategy two-stage, --epochs is the total of both stages
+and the second stage's lr is --lr / 10).
 """
 
 import argparse
@@ -13,40 +18,58 @@ from pathlib import Path
 from tl_jax import cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+STRATEGY_FILES = {'frozen': 'frozen.yaml', 'finetune': 'finetune.yaml', 'two-stage': 'two_stage.yaml'}
 
 
-def main() -> int:
+def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--strategy', choices=['frozen', 'finetune'], help='what learns (default: finetune)')
-  parser.add_argument('--config', help='YAML config (default: configs/<strategy>.yaml)')
+  parser.add_argument('--strategy', choices=sorted(STRATEGY_FILES), help='what learns (default: finetune)')
+  parser.add_argument('--config', help='YAML recipe (default: configs/<strategy>.yaml)')
   parser.add_argument('--data', help='folder with train/ and val/ (default: data/hymenoptera_data, '
                                      'downloaded when missing)')
   parser.add_argument('--weights', help='imagenet | random | PATH to a .pth/.safetensors state dict')
-  parser.add_argument('--arch', help='resnet18 | resnet34 | resnet50 | resnet101')
-  parser.add_argument('--epochs', type=int)
-  parser.add_argument('--batch-size', type=int)
+  parser.add_argument('--arch', help='resnet18 | resnet34 | resnet50 | resnet101 | vgg11 ... vgg19_bn')
+  parser.add_argument('--epochs', type=int, help='epochs of every stage (two-stage: of both together)')
+  parser.add_argument('--head-epochs', type=int, default=10, help='--strategy two-stage: epochs of the head stage')
+  parser.add_argument('--trainable', help="stages that learn in a single-stage recipe, e.g. layer4,head (or all)")
+  parser.add_argument('--batch-size', type=int, help='train batch size (all stages)')
   parser.add_argument('--eval-batch-size', type=int)
-  parser.add_argument('--lr', type=float)
-  parser.add_argument('--workdir', help='run directory (default: runs/<strategy>)')
+  parser.add_argument('--lr', type=float, help='learning rate of every stage (two-stage: of the head stage)')
+  parser.add_argument('--workdir', help='run directory (default: runs/<strategy or config name>)')
   parser.add_argument('--seed', type=int)
   parser.add_argument('--bn', choices=['train', 'frozen'],
-                      help='train: BN uses batch statistics while training (the tutorial); frozen: eval-mode BN')
+                      help='every stage: train = BN uses batch statistics while training (the tutorial); '
+                           'frozen = eval-mode BN')
   parser.add_argument('--workers', type=int, help='data loading threads')
   parser.add_argument('--skip-bad-images', action='store_true', default=None,
                       help='warn about and drop unreadable images instead of stopping')
   parser.add_argument('--resume', action='store_true', help='continue the run in --workdir')
   parser.add_argument('--no-progress', action='store_true', help='no progress bars')
-  args = parser.parse_args()
+  return parser.parse_args()
 
-  from tl_jax.config import load_config
+
+def main() -> int:
+  args = parse_args()
+  from tl_jax import config as config_lib
   from tl_jax.train import train_and_evaluate
-  strategy = args.strategy or 'finetune'
-  config_path = args.config or CONFIGS / f'{strategy}.yaml'
-  config = load_config(config_path, strategy=args.strategy, data=args.data, weights=args.weights, arch=args.arch,
-                       epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-                       lr=args.lr, seed=args.seed, bn=args.bn, workers=args.workers,
-                       skip_bad_images=args.skip_bad_images)
-  workdir = args.workdir or f'runs/{config.strategy}'
+  if args.strategy and args.config:
+    raise config_lib.ConfigError('pass --strategy or --config, not both (a config file holds its own stages)')
+  strategy = args.strategy or ('finetune' if not args.config else None)
+  path = Path(args.config) if args.config else CONFIGS / STRATEGY_FILES[strategy]
+  values = config_lib.read_yaml(path)
+  config_lib.validate(values, f' in {path}')
+  epochs, lr = args.epochs, args.lr
+  if strategy == 'two-stage':
+    values = config_lib.two_stage_values(values, args.head_epochs, epochs, lr)
+    epochs = lr = None
+  overrides = {'epochs': epochs, 'lr': lr, 'bn': args.bn, 'data': args.data, 'weights': args.weights,
+               'arch': args.arch, 'batch_size': args.batch_size, 'eval_batch_size': args.eval_batch_size,
+               'seed': args.seed, 'workers': args.workers, 'skip_bad_images': args.skip_bad_images,
+               'trainable': args.trainable}
+  given = {k: v for k, v in overrides.items() if v is not None}
+  config = config_lib.validate(config_lib.apply_overrides(values, given),
+                               f' in {path}' + (' with the command-line flags' if given else ''))
+  workdir = args.workdir or f'runs/{strategy or path.stem}'
   train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress)
   return 0
 

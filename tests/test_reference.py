@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')
 
-from tl_jax.config import TrainConfig  # noqa: E402
+from tl_jax.config import TutorialRecipe  # noqa: E402
 from tl_jax.reference import torch_tutorial  # noqa: E402
 
 
@@ -30,7 +30,7 @@ def _params(model):
 
 def _run(tmp_path, epochs, **overrides):
   root = _tiny_image_folder(tmp_path / 'data')
-  config = TrainConfig(arch='resnet18', weights='random', epochs=epochs, workers=0, **overrides)
+  config = TutorialRecipe(arch='resnet18', weights='random', epochs=epochs, workers=0, **overrides)
   torch.manual_seed(config.seed)
   initial = torch_tutorial.build_model(config.arch, 2, config.strategy)
   result = torch_tutorial.train_torch(config, root, log=lambda _: None, device='cpu')
@@ -70,7 +70,7 @@ def test_frozen_bn_keeps_running_stats(tmp_path):
 
 
 def test_steplr_per_epoch():
-  config = TrainConfig(strategy='frozen', arch='resnet18')
+  config = TutorialRecipe(strategy='frozen', arch='resnet18')
   model = torch_tutorial.build_model(config.arch, 2, config.strategy)
   optimizer, scheduler = torch_tutorial.build_optimizer(model, config)
   lrs = []
@@ -86,7 +86,7 @@ def test_steplr_per_epoch():
 
 def test_optimizer_holds_fc_only_when_frozen():
   model = torch_tutorial.build_model('resnet18', 2, 'frozen')
-  optimizer, _ = torch_tutorial.build_optimizer(model, TrainConfig(strategy='frozen'))
+  optimizer, _ = torch_tutorial.build_optimizer(model, TutorialRecipe(strategy='frozen'))
   held = {id(p) for group in optimizer.param_groups for p in group['params']}
   assert held == {id(model.fc.weight), id(model.fc.bias)}
   trainable = [name for name, p in model.named_parameters() if p.requires_grad]

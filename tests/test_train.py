@@ -10,11 +10,10 @@ from PIL import Image
 
 from helpers import TOL, data_root, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy, within
 from tl_jax import optim
-from tl_jax.config import TrainConfig
 from tl_jax.convert import name_table, torch_to_flax
 from tl_jax.data.transforms import TrainTransform
 from tl_jax.models import create_model
-from tl_jax.train import create_train_state, eval_step, train_step
+from tl_jax.train import TrainState, eval_step, train_step
 
 torch = pytest.importorskip('torch')
 F = pytest.importorskip('torchvision.transforms.functional')
@@ -23,6 +22,14 @@ CROP = 112          # parity does not depend on the size; small keeps the test q
 BATCH = 4
 NUM_SAMPLES = 19    # 5 steps: four full batches and a last one with 3 valid rows + 1 padding row
 LR = 0.001          # the tutorial's
+
+
+def create_train_state(model, variables, strategy='finetune', lr=LR, steps_per_epoch=5):
+  """The tutorial's SGD(lr, momentum 0.9) with StepLR(7, 0.1) on `strategy`'s trainable stages."""
+  schedule = optim.make_schedule({'name': 'step', 'step_size': 7, 'gamma': 0.1}, lr, 25, steps_per_epoch)
+  tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'lr': lr, 'momentum': 0.9}, schedule)
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                           batch_stats=variables['batch_stats'])
 
 
 def _images(n):
@@ -78,8 +85,7 @@ def _torch_run(tmodel, strategy, bn, images, labels):
 
 def _jax_run(variables, strategy, bn, images, labels):
   model = create_model('resnet18', 2)
-  config = TrainConfig(strategy=strategy, bn=bn, lr=LR, batch_size=BATCH)
-  state = create_train_state(config, model, variables, steps_per_epoch=5)
+  state = create_train_state(model, variables, strategy)
   trainable = optim.trainable_mask(state.params, strategy)
   step = jax.jit(functools.partial(train_step, model=model, trainable=trainable, bn_train=bn == 'train'))
   losses = []
@@ -167,7 +173,7 @@ def test_frozen_strategy_runs_no_backward_pass_through_the_backbone():
   batch = {'images': jnp.zeros((2, 64, 64, 3)), 'labels': jnp.zeros(2, jnp.int32), 'mask': jnp.ones(2, bool)}
   counts = {}
   for strategy in ('frozen', 'finetune'):
-    state = create_train_state(TrainConfig(strategy=strategy), model, variables, steps_per_epoch=1)
+    state = create_train_state(model, variables, strategy)
     fn = functools.partial(train_step, model=model, trainable=optim.trainable_mask(state.params, strategy),
                            bn_train=True)
     counts[strategy] = _count_convs(jax.make_jaxpr(fn)(state, batch).jaxpr)
@@ -178,7 +184,7 @@ def test_frozen_strategy_runs_no_backward_pass_through_the_backbone():
 def test_eval_step_masks_padding_rows():
   model = create_model('resnet18', 3)
   variables = torch_to_flax(state_dict_numpy(random_torchvision_model('resnet18', 3)), 'resnet18')
-  state = create_train_state(TrainConfig(), model, variables, steps_per_epoch=1)
+  state = create_train_state(model, variables)
   images = np.random.default_rng(0).standard_normal((4, 64, 64, 3)).astype(np.float32)
   labels = np.array([0, 1, 2, 0], np.int32)
   full = eval_step(state, model=model, batch={'images': images, 'labels': labels, 'mask': np.ones(4, bool)})

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from tl_jax.config import TrainConfig
+from tl_jax.config import TutorialRecipe
 
 FRAMEWORKS = ('tl_jax', 'torch')
 
@@ -49,13 +49,13 @@ def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
   return lambda message: log(_prefix_lines(prefix, message))
 
 
-def run_tl_jax(config: TrainConfig, log: Callable[[str], None] = print) -> FrameworkRun:
+def run_tl_jax(config: TutorialRecipe, log: Callable[[str], None] = print) -> FrameworkRun:
   """`tl_jax.train.train_and_evaluate` in a temporary workdir, without progress bars or plots."""
   from tl_jax.train import train_and_evaluate
   with tempfile.TemporaryDirectory(prefix='tl_jax_benchmark_') as workdir:
     start = time.perf_counter()
     # No plots: plotting is not part of the tutorial's loop.
-    result = train_and_evaluate(config, Path(workdir) / 'run', progress=False, plots=False, log=log)
+    result = train_and_evaluate(config.to_config(), Path(workdir) / 'run', progress=False, plots=False, log=log)
     wall = time.perf_counter() - start
   return FrameworkRun('tl_jax', [dict(row) for row in result.history], dict(result.compile_seconds),
                       float(result.best_val_acc), int(result.best_epoch), wall)
@@ -65,7 +65,7 @@ def _log_stderr(prefix: str, message: str) -> None:
   print(_prefix_lines(prefix, message), file=sys.stderr, flush=True)
 
 
-def _torch_child(config: TrainConfig, data_root: str, state_dict, num_threads: Optional[int],
+def _torch_child(config: TutorialRecipe, data_root: str, state_dict, num_threads: Optional[int],
                  prefix: str) -> FrameworkRun:
   """Runs in a fresh process: the tutorial's loop and its forked DataLoader workers never see JAX."""
   from tl_jax.reference.torch_tutorial import train_torch
@@ -77,7 +77,7 @@ def _torch_child(config: TrainConfig, data_root: str, state_dict, num_threads: O
                       int(result.best_epoch), wall, {'device': result.device, 'threads': result.num_threads})
 
 
-def run_torch(config: TrainConfig, data_root: str | Path, state_dict=None, num_threads: Optional[int] = None,
+def run_torch(config: TutorialRecipe, data_root: str | Path, state_dict=None, num_threads: Optional[int] = None,
               prefix: str = '[torch]') -> FrameworkRun:
   """The tutorial's PyTorch loop (`tl_jax.reference.torch_tutorial`) in a spawned child process.
 
@@ -173,9 +173,9 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
     weights: 'random' (speed does not depend on the values), 'imagenet' or a state-dict path;
       both frameworks start from the same weights.
     torch_threads: torch.set_num_threads; default os.cpu_count().
-    workers: loader workers for both (tl_jax threads, DataLoader processes); default TrainConfig's.
+    workers: loader workers for both (tl_jax threads, DataLoader processes); default TutorialRecipe's.
     run_jax / run_reference: which frameworks to run.
-    seed: TrainConfig.seed for both.
+    seed: TutorialRecipe.seed for both.
     log: receives tl_jax's progress lines and the report's own (the torch child prints to stderr).
 
   Returns:
@@ -183,8 +183,8 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
   """
   if not (run_jax or run_reference):
     raise ValueError('nothing to run: both tl_jax and torch are skipped')
-  workers = TrainConfig.workers if workers is None else workers
-  base = TrainConfig(data=str(data_root), weights=weights, epochs=epochs, workers=workers, seed=seed)
+  workers = TutorialRecipe.workers if workers is None else workers
+  base = TutorialRecipe(data=str(data_root), weights=weights, epochs=epochs, workers=workers, seed=seed)
   sizes = dataset_sizes(data_root)
   env = environment(torch_threads, workers)
   state_dict = None
@@ -194,7 +194,8 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
   report: dict[str, Any] = {'environment': env, 'dataset_sizes': sizes, 'epochs': epochs, 'weights': weights,
                             'config': base.to_dict(), 'strategies': {}}
   for strategy in strategies:
-    config = dataclasses.replace(base, strategy=strategy).validate()
+    config = dataclasses.replace(base, strategy=strategy)
+    config.to_config()
     runs: dict[str, FrameworkRun] = {}
     if run_jax:
       log(f'== {strategy}: tl_jax, {epochs} epoch(s)')

@@ -74,9 +74,25 @@ def step_lr_schedule(lr: float, step_size_epochs: int, gamma: float, steps_per_e
   return optax.piecewise_constant_schedule(lr, boundaries)
 
 
-def make_optimizer(params: Mapping, strategy: str | Sequence[str], schedule: optax.Schedule,
-                   momentum: float = 0.9) -> optax.GradientTransformation:
+def epoch_lrs(schedule, lr: float, epochs: int) -> list[float]:
+  """The lr of every epoch (placeholder: step and constant only)."""
+  schedule = dict(schedule or {'name': 'constant'})
+  if schedule['name'] == 'step':
+    return [lr * schedule.get('gamma', 0.1) ** (e // schedule['step_size']) for e in range(epochs)]
+  return [lr] * epochs
+
+
+def make_schedule(schedule, lr: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+  schedule = dict(schedule or {'name': 'constant'})
+  if schedule['name'] == 'step':
+    return step_lr_schedule(lr, schedule['step_size'], schedule.get('gamma', 0.1), steps_per_epoch, epochs)
+  return optax.constant_schedule(lr)
+
+
+def make_optimizer(params: Mapping, strategy: str | Sequence[str], optimizer, schedule: optax.Schedule
+                   ) -> optax.GradientTransformation:
   """SGD with momentum (torch's: buf = m * buf + g; p -= lr * buf) on the trainable stages only."""
+  momentum = dict(optimizer).get('momentum', 0.0)
   return optax.partition(
       {TRAINABLE: optax.sgd(schedule, momentum=momentum or None), FROZEN: optax.set_to_zero()},
       param_labels(params, strategy))

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -23,21 +21,18 @@ import optax
 from flax.training import train_state
 
 from tl_jax import checkpoint, optim
-from tl_jax.config import TrainConfig
+from tl_jax.config import Config, DataConfig, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data.folder import ImageFolder, check_same_classes, drop_bad_images
 from tl_jax.data.loader import Batch, Loader
 from tl_jax.data.transforms import EvalTransform, TrainTransform
 from tl_jax.models import ResNet, create_model, init_variables
+from tl_jax.rundir import RunDir, RunError
 from tl_jax.weights import Preprocessing, resolve_weights
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
-
-
-class RunError(ValueError):
-  """A training run cannot start or resume as asked."""
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -99,28 +94,27 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: ResNe
 # ---------------------------------------------------------------------------------- setup
 
 
-def initial_variables(config: TrainConfig, num_classes: int, state_dict: Optional[Mapping] = None) -> dict:
-  """Pretrained backbone (if `state_dict`) with a fresh `num_classes`-way fc, as the tutorial does."""
-  model = create_model(config.arch, num_classes)
-  fresh = init_variables(model, jax.random.PRNGKey(config.seed), image_size=32)
+def initial_variables(arch: str, num_classes: int, seed: int, state_dict: Optional[Mapping] = None) -> dict:
+  """Pretrained backbone (if `state_dict`) with a fresh `num_classes`-way head, as the tutorial does."""
+  model = create_model(arch, num_classes)
+  fresh = init_variables(model, jax.random.PRNGKey(seed), image_size=32)
   if state_dict is None:
     return fresh
-  backbone = torch_to_flax(state_dict, config.arch, reference=fresh, include_head=False)
+  backbone = torch_to_flax(state_dict, arch, reference=fresh, include_head=False)
   return replace_head(backbone, fresh)
 
 
-def create_train_state(config: TrainConfig, model: ResNet, variables: Mapping,
-                       steps_per_epoch: int) -> TrainState:
-  schedule = optim.step_lr_schedule(config.lr, config.step_size_epochs, config.gamma,
-                                    steps_per_epoch, config.epochs)
-  tx = optim.make_optimizer(variables['params'], config.strategy, schedule, config.momentum)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables['batch_stats'])
+def make_tx(config: Config, index: int, params: Mapping, steps_per_epoch: int) -> optax.GradientTransformation:
+  """Stage `index`'s optimizer, with its schedule counted from the stage's first step."""
+  stage = config.stages[index]
+  schedule = optim.make_schedule(stage.schedule.model_dump(), stage.optimizer.lr, stage.epochs, steps_per_epoch)
+  return optim.make_optimizer(params, config.trainable_stages(index), stage.optimizer.model_dump(), schedule)
 
 
-def epoch_lr(config: TrainConfig, epoch: int) -> float:
-  """The StepLR learning rate of `epoch` (0-based), for logging."""
-  return config.lr * config.gamma ** (epoch // config.step_size_epochs)
+def stage_lrs(config: Config, index: int) -> list[float]:
+  """The learning rate of every epoch of stage `index`, for logging."""
+  stage = config.stages[index]
+  return optim.epoch_lrs(stage.schedule.model_dump(), stage.optimizer.lr, stage.epochs)
 
 
 @dataclasses.dataclass
@@ -130,11 +124,11 @@ class Data:
   skipped: int
 
 
-def load_data(config: TrainConfig, log: Callable[[str], None] = print) -> Data:
+def load_data(config: Config, log: Callable[[str], None] = print) -> Data:
   """The train/ and val/ folders, checked; bad images raise or (skip_bad_images) are dropped."""
   from tl_jax.data.download import ensure_hymenoptera
-  root = Path(config.data)
-  if not root.exists() and config.data == TrainConfig.data:
+  root = Path(config.data.path)
+  if not root.exists() and config.data.path == DataConfig.model_fields['path'].default:
     root = ensure_hymenoptera(root)
   for split in ('train', 'val'):
     if not (root / split).is_dir():
@@ -144,8 +138,8 @@ def load_data(config: TrainConfig, log: Callable[[str], None] = print) -> Data:
   check_same_classes(train, val)
   skipped = 0
   for split, folder in (('train', train), ('val', val)):
-    checked, dropped = drop_bad_images(folder, config.skip_bad_images, warn=lambda m: log(f'warning: {m}'),
-                                       num_threads=max(config.workers, 1))
+    checked, dropped = drop_bad_images(folder, config.data.skip_bad_images, warn=lambda m: log(f'warning: {m}'),
+                                       num_threads=max(config.data.workers, 1))
     skipped += dropped
     if split == 'train':
       train = checked
@@ -156,15 +150,32 @@ def load_data(config: TrainConfig, log: Callable[[str], None] = print) -> Data:
   return Data(train, val, skipped)
 
 
-def make_loaders(config: TrainConfig, data: Data, preprocessing: Preprocessing) -> tuple[Loader, Loader]:
+@dataclasses.dataclass(frozen=True)
+class Transforms:
+  """The train and val transforms of a run, and the specs saved with its checkpoints."""
+  train: Any
+  val: Any
+  train_spec: Optional[list]
+  val_spec: Optional[list]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+
+
+def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
+  """The configured transform lists, or the weights' own preprocessing (the tutorial's pipeline)."""
   mean, std = tuple(preprocessing.mean), tuple(preprocessing.std)
   train_tf = TrainTransform(crop_size=preprocessing.crop_size, mean=mean, std=std)
   eval_tf = EvalTransform(resize_size=preprocessing.resize_size, crop_size=preprocessing.crop_size,
                           mean=mean, std=std)
-  train = Loader(data.train.samples, train_tf, config.batch_size, shuffle=True, seed=config.seed,
-                 workers=config.workers, prefetch=config.prefetch)
-  val = Loader(data.val.samples, lambda img, _rng: eval_tf(img), config.eval_batch_size, shuffle=False,
-               seed=config.seed, workers=config.workers, prefetch=config.prefetch)
+  return Transforms(train_tf, lambda img, _rng: eval_tf(img), None, None, mean, std)
+
+
+def make_loaders(config: Config, data: Data, transforms: Transforms) -> tuple[Loader, Loader]:
+  d = config.data
+  train = Loader(data.train.samples, transforms.train, d.batch_size, shuffle=True, seed=config.seed,
+                 workers=d.workers, prefetch=d.prefetch)
+  val = Loader(data.val.samples, transforms.val, d.eval_batch_size, shuffle=False, seed=config.seed,
+               workers=d.workers, prefetch=d.prefetch)
   return train, val
 
 
@@ -179,41 +190,68 @@ def spread_sample_loader(loader: Loader, count: int) -> Loader:
                 workers=0, load=loader.load)
 
 
-# ---------------------------------------------------------------------------------- loop
-
-
-@dataclasses.dataclass
-class TrainResult:
-  history: list[dict]
-  best_val_acc: float
-  best_epoch: int
-  compile_seconds: dict[str, float]
-  state: TrainState
-  class_names: list[str]
-  workdir: Path
-
-
-def _write_json(path: Path, obj) -> None:
-  tmp = path.with_name(path.name + '.tmp')
-  tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
-
-
-def _run_manager(workdir: Path):
-  import orbax.checkpoint as ocp
-  return ocp.CheckpointManager(workdir / checkpoint.RUN_DIR, options=ocp.CheckpointManagerOptions(
-      max_to_keep=1, create=True), item_names=('state', 'meta'))
-
-
-def _state_tree(state: TrainState) -> dict:
-  return {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
-          'step': state.step}
-
-
 def _compile(fn, *args) -> tuple[Callable, float]:
   start = time.perf_counter()
   compiled = fn.lower(*args).compile()
   return compiled, time.perf_counter() - start
+
+
+@dataclasses.dataclass
+class Stage:
+  """One stage of a recipe, ready to run: its compiled steps and learning rates."""
+  index: int
+  name: str
+  first_epoch: int            # global index of the stage's first epoch
+  epochs: int
+  lrs: list[float]            # per epoch of the stage
+  train_fn: Callable          # (state, batch) -> (state, sums), compiled for the loader's batch shape
+  eval_fn: Callable           # (state, batch) -> sums
+  compile_seconds: dict[str, float]
+
+
+def _stage_key(config: Config, index: int) -> tuple:
+  """What a compiled train step depends on besides shapes: the trainable set, BN policy and optimizer."""
+  stage = config.stages[index]
+  return (config.trainable_stages(index), stage.bn, stage.optimizer.model_dump_json(),
+          stage.schedule.model_dump_json(), stage.epochs)
+
+
+def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per_epoch: int,
+                example_train: Mapping, example_val: Mapping, compiled: Optional[dict] = None,
+                opt_state: Any = None, step: int = 0) -> tuple[TrainState, Stage]:
+  """A fresh optimizer for stage `index` over `variables` (as constructing a new torch optimizer does).
+
+  Args:
+    variables: {'params', 'batch_stats'} carried over from the previous stage.
+    example_train, example_val: a batch of each phase, for compiling ahead of time.
+    compiled: cache of compiled steps shared between stages; a stage equal to an earlier one in
+      trainable set, BN policy, optimizer and schedule reuses its steps instead of compiling again.
+    opt_state, step: a restored optimizer state and step within the stage (resume).
+  """
+  stage_config = config.stages[index]
+  tx = make_tx(config, index, variables['params'], steps_per_epoch)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                            batch_stats=variables['batch_stats'])
+  if opt_state is not None:
+    state = state.replace(opt_state=opt_state, step=step)
+  compiled = {} if compiled is None else compiled
+  key = _stage_key(config, index)
+  seconds = {'train_step': 0.0, 'eval_step': 0.0}
+  if key not in compiled:
+    trainable = optim.trainable_mask(state.params, config.trainable_stages(index))
+    train_fn = jax.jit(functools.partial(train_step, model=model, trainable=trainable,
+                                         bn_train=stage_config.bn == 'train'), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, model=model))
+    train_fn, seconds['train_step'] = _compile(train_fn, state, example_train)
+    eval_fn, seconds['eval_step'] = _compile(eval_fn, state, example_val)
+    compiled[key] = (train_fn, eval_fn)
+  train_fn, eval_fn = compiled[key]
+  first_epoch = sum(s.epochs for s in config.stages[:index])
+  return state, Stage(index, stage_config.name, first_epoch, stage_config.epochs, stage_lrs(config, index),
+                      train_fn, eval_fn, seconds)
+
+
+# ---------------------------------------------------------------------------------- loop
 
 
 def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress: bool,
@@ -254,141 +292,157 @@ def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress:
   return state, totals, starved
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | Path, *, resume: bool = False,
+def run_epoch(stage: Stage, state: TrainState, train_loader: Loader, val_loader: Loader, epoch: int,
+              progress: bool = False) -> tuple[TrainState, dict]:
+  """A train phase and a val phase of global `epoch`; returns the new state and the history row."""
+  t0 = time.perf_counter()
+  state, train_sums, train_wait = run_phase(stage.train_fn, state, train_loader, epoch, True, progress, 'train')
+  t1 = time.perf_counter()
+  _, val_sums, _ = run_phase(stage.eval_fn, state, val_loader, epoch, False, progress, 'val')
+  t2 = time.perf_counter()
+  return state, {
+      'epoch': epoch, 'stage': stage.name, 'stage_epoch': epoch - stage.first_epoch,
+      'lr': stage.lrs[epoch - stage.first_epoch],
+      'train_loss': train_sums['loss_sum'] / train_sums['count'],
+      'train_acc': train_sums['correct'] / train_sums['count'],
+      'val_loss': val_sums['loss_sum'] / val_sums['count'],
+      'val_acc': val_sums['correct'] / val_sums['count'],
+      'train_seconds': t1 - t0, 'val_seconds': t2 - t1, 'seconds': t2 - t0,
+      'data_wait_seconds': train_wait, 'train_steps': len(train_loader),
+  }
+
+
+@dataclasses.dataclass
+class TrainResult:
+  history: list[dict]
+  best_val_acc: float
+  best_epoch: int
+  compile_seconds: dict[str, float]
+  state: TrainState
+  class_names: list[str]
+  workdir: Path
+
+
+def _state_tree(state: TrainState) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
+          'step': state.step}
+
+
+def _add_seconds(total: dict[str, float], more: Mapping[str, float]) -> None:
+  for k, v in more.items():
+    total[k] = total.get(k, 0.0) + v
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
                        progress: bool = True, plots: bool = True,
                        log: Callable[[str], None] = print) -> TrainResult:
-  """Trains as the tutorial does and writes checkpoints, history.json and plots to `workdir`.
+  """Trains `config`'s stages one after the other; writes checkpoints, history.json and plots to `workdir`.
+
+  Each stage starts a fresh optimizer (and schedule) over the weights and BatchNorm statistics the
+  previous stage left; the best val accuracy (strict >) over the whole run is kept in `best/`.
 
   Args:
-    config: the recipe (see configs/*.yaml).
-    workdir: run directory; `best/` holds the best-val model checkpoint, `checkpoints/` the
-      latest finished epoch for --resume.
-    resume: continue from the latest finished epoch in `workdir`.
+    config: the recipe (see configs/*.yaml and tl_jax.config).
+    workdir: run directory (tl_jax.rundir): `best/` holds the best-val model checkpoint,
+      `checkpoints/` the latest finished epoch for --resume.
+    resume: continue from the latest finished epoch in `workdir`, with its optimizer state.
     progress: show progress bars.
     plots: write train_batch.png, predictions.png and curves.png.
     log: receives the printed lines.
   """
-  config.validate()
-  workdir = Path(workdir).absolute()
-  # Before any slow step: a workdir that cannot be written would otherwise fail after the first epoch.
-  if workdir.exists() and not workdir.is_dir():
-    raise RunError(f'--workdir {workdir} is a file, not a directory; choose another --workdir')
-  try:
-    workdir.mkdir(parents=True, exist_ok=True)
-  except OSError as e:
-    raise RunError(f'--workdir {workdir} cannot be used as a run directory ({e.strerror or e}); '
-                   'choose another --workdir') from e
-  run_manager_path = workdir / checkpoint.RUN_DIR
-  has_run = run_manager_path.is_dir() and any(p.name.isdigit() for p in run_manager_path.iterdir())
-  if has_run and not resume:
-    raise RunError(f'{workdir} already holds a run; pass --resume to continue it or choose another --workdir')
-  if resume and not has_run:
-    log(f'no finished epoch in {workdir} to resume from; starting a new run')
-
+  run = RunDir(workdir, resume, log)
+  for warning in recipe_warnings(config):
+    log(f'warning: {warning}')
   data = load_data(config, log)
   class_names = data.train.classes
-  weights = resolve_weights(config.weights, config.arch, progress=progress)
-  train_loader, val_loader = make_loaders(config, data, weights.preprocessing)
-  model = create_model(config.arch, len(class_names))
-  variables = initial_variables(config, len(class_names), weights.state_dict)
-  state = create_train_state(config, model, variables, steps_per_epoch=len(train_loader))
+  weights = resolve_weights(config.model.weights, config.model.arch, progress=progress)
+  transforms = make_transforms(config, weights.preprocessing)
+  train_loader, val_loader = make_loaders(config, data, transforms)
+  model = create_model(config.model.arch, len(class_names))
+  variables = initial_variables(config.model.arch, len(class_names), config.seed, weights.state_dict)
+  variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  example_train = next(iter(train_loader.epoch(0))).as_dict()
+  example_val = next(iter(val_loader.epoch(0))).as_dict()
 
   history: list[dict] = []
   best_val_acc, best_epoch, start_epoch = -1.0, -1, 0
-  run_manager = _run_manager(workdir)
-  best_manager = checkpoint.best_manager(workdir)
-  if resume and has_run:
-    import orbax.checkpoint as ocp
-    step = run_manager.latest_step()
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _state_tree(state))
-    restored = run_manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-    saved_config = restored['meta']['config']
-    changed = {k: (saved_config.get(k), v) for k, v in config.to_dict().items()
-               if k not in ('epochs', 'workers', 'prefetch') and saved_config.get(k) != v}
-    if changed:
-      raise RunError(f'--resume with a different recipe than the run in {workdir}: ' +
-                     ', '.join(f'{k}: run has {a!r}, now {b!r}' for k, (a, b) in changed.items()))
-    s = restored['state']
-    state = state.replace(params=s['params'], batch_stats=s['batch_stats'], opt_state=s['opt_state'],
-                          step=s['step'])
-    history = restored['meta']['history']
-    best_val_acc, best_epoch = restored['meta']['best_val_acc'], restored['meta']['best_epoch']
-    start_epoch = step + 1
-    log(f'resuming {workdir} after epoch {step}')
+  opt_state, step = None, 0
+  if run.resuming:
+    meta = run.restore_meta()
+    run.check_recipe(meta['config'], config.to_dict())
+    last = run.latest_epoch()
+    saved_index, _ = config.stage_at(last)
+    # The saved optimizer state has the structure of its own stage's optimizer.
+    template, _ = setup_stage(config, saved_index, model, variables, len(train_loader), example_train,
+                              example_val, compiled={_stage_key(config, saved_index): (None, None)})
+    restored = run.restore_state(_state_tree(template))
+    variables = {'params': restored['params'], 'batch_stats': restored['batch_stats']}
+    history = meta['history']
+    best_val_acc, best_epoch = meta['best_val_acc'], meta['best_epoch']
+    start_epoch = last + 1
+    if start_epoch < config.epochs and config.stage_at(start_epoch)[0] == saved_index:
+      opt_state, step = restored['opt_state'], restored['step']
+    log(f'resuming {run.path} after epoch {last}')
 
-  trainable = optim.trainable_mask(state.params, config.strategy)
-  train_fn = jax.jit(functools.partial(train_step, model=model, trainable=trainable, bn_train=config.bn == 'train'),
-                     donate_argnums=0)
-  eval_fn = jax.jit(functools.partial(eval_step, model=model))
-  example_train = next(iter(train_loader.epoch(0))).as_dict()
-  example_val = next(iter(val_loader.epoch(0))).as_dict()
-  train_fn, train_compile = _compile(train_fn, state, example_train)
-  eval_fn, eval_compile = _compile(eval_fn, state, example_val)
-  compile_seconds = {'train_step': train_compile, 'eval_step': eval_compile}
-  log(f'compiled train_step in {train_compile:.1f}s, eval_step in {eval_compile:.1f}s '
-      f'({jax.devices()[0].platform})')
-
-  if plots and start_epoch == 0:
-    from tl_jax import plots as plot_lib
-    plot_lib.save_train_batch(example_train['images'], example_train['labels'], class_names,
-                              weights.preprocessing.mean, weights.preprocessing.std, workdir / 'train_batch.png')
-
-  metadata = checkpoint.make_metadata(config.arch, len(class_names), weights.preprocessing.to_dict(),
-                                      class_names, source=weights.source, strategy=config.strategy)
+  metadata = checkpoint.make_metadata(
+      config.model.arch, len(class_names), weights.preprocessing.to_dict(), class_names,
+      source=weights.source, stages=[s.name for s in config.stages], val_transforms=transforms.val_spec,
+      config=config.to_dict())
+  compiled: dict = {}
+  compile_seconds: dict[str, float] = {}
+  state = None
   run_start = time.perf_counter()
-  for epoch in range(start_epoch, config.epochs):
-    log(f'Epoch {epoch}/{config.epochs - 1}\n' + '-' * 10)
-    t0 = time.perf_counter()
-    state, train_sums, train_wait = run_phase(train_fn, state, train_loader, epoch, True, progress, 'train')
-    t1 = time.perf_counter()
-    _, val_sums, _ = run_phase(eval_fn, state, val_loader, epoch, False, progress, 'val')
-    t2 = time.perf_counter()
-    row = {
-        'epoch': epoch, 'lr': epoch_lr(config, epoch),
-        'train_loss': train_sums['loss_sum'] / train_sums['count'],
-        'train_acc': train_sums['correct'] / train_sums['count'],
-        'val_loss': val_sums['loss_sum'] / val_sums['count'],
-        'val_acc': val_sums['correct'] / val_sums['count'],
-        'train_seconds': t1 - t0, 'val_seconds': t2 - t1, 'seconds': t2 - t0,
-        'data_wait_seconds': train_wait, 'train_steps': len(train_loader),
-    }
-    history.append(row)
-    log(f"train Loss: {row['train_loss']:.4f} Acc: {row['train_acc']:.4f}")
-    log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}")
-    if row['val_acc'] > best_val_acc:
-      best_val_acc, best_epoch = row['val_acc'], epoch
-      checkpoint.save_best(best_manager, epoch, {'params': state.params, 'batch_stats': state.batch_stats},
-                           {**metadata, 'epoch': epoch, 'val_acc': row['val_acc']})
-    import orbax.checkpoint as ocp
-    run_manager.save(epoch, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(_state_tree(state)),
-        meta=ocp.args.JsonSave({'config': config.to_dict(), 'history': history, 'best_val_acc': best_val_acc,
-                                'best_epoch': best_epoch})), force=True)
-    run_manager.wait_until_finished()
-    _write_json(workdir / 'history.json', {'config': config.to_dict(), 'class_names': class_names,
-                                           'compile_seconds': compile_seconds, 'skipped_images': data.skipped,
-                                           'best_val_acc': best_val_acc, 'best_epoch': best_epoch,
-                                           'epochs': history})
-    log('')
+  for index in range(config.stage_at(start_epoch)[0] if start_epoch < config.epochs else len(config.stages),
+                     len(config.stages)):
+    state, stage = setup_stage(config, index, model, variables, len(train_loader), example_train, example_val,
+                               compiled, opt_state, step)
+    opt_state, step = None, 0
+    _add_seconds(compile_seconds, stage.compile_seconds)
+    if any(stage.compile_seconds.values()):
+      log(f'stage {stage.name}: compiled train_step in {stage.compile_seconds["train_step"]:.1f}s, '
+          f'eval_step in {stage.compile_seconds["eval_step"]:.1f}s ({jax.devices()[0].platform})')
+    if plots and start_epoch == 0 and index == 0:
+      from tl_jax import plots as plot_lib
+      plot_lib.save_train_batch(example_train['images'], example_train['labels'], class_names,
+                                transforms.mean, transforms.std, run.path / 'train_batch.png')
+    for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
+      log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
+          '\n' + '-' * 10)
+      state, row = run_epoch(stage, state, train_loader, val_loader, epoch, progress)
+      history.append(row)
+      log(f"train Loss: {row['train_loss']:.4f} Acc: {row['train_acc']:.4f}")
+      log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}")
+      if row['val_acc'] > best_val_acc:
+        best_val_acc, best_epoch = row['val_acc'], epoch
+        run.save_best(epoch, {'params': state.params, 'batch_stats': state.batch_stats},
+                      {**metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc']})
+      run.save_epoch(epoch, _state_tree(state), {'config': config.to_dict(), 'history': history,
+                                                  'best_val_acc': best_val_acc, 'best_epoch': best_epoch})
+      run.write_history({'config': config.to_dict(), 'class_names': class_names,
+                         'compile_seconds': compile_seconds, 'skipped_images': data.skipped,
+                         'best_val_acc': best_val_acc, 'best_epoch': best_epoch, 'epochs': history})
+      log('')
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
   elapsed = time.perf_counter() - run_start
   log(f'Training complete in {elapsed // 60:.0f}m {elapsed % 60:.0f}s')
   log(f'Best val Acc: {best_val_acc:4f}')
 
   # Load the best weights, as the tutorial's model.load_state_dict(best_model_wts).
-  best = checkpoint.load_model(workdir)
+  best = run.load_best()
+  if state is None:   # resumed a finished run: nothing left to train
+    state, stage = setup_stage(config, len(config.stages) - 1, model, variables, len(train_loader),
+                               example_train, example_val, compiled)
   state = state.replace(params=jax.device_put(best.variables['params']),
-                        batch_stats=jax.device_put(best.variables['batch_stats']))
+                        batch_stats=jax.device_put(best.variables.get('batch_stats', {})))
   if plots:
     from tl_jax import plots as plot_lib
+    eval_fn = compiled[_stage_key(config, stage.index)][1]
     batch = next(iter(spread_sample_loader(val_loader, 6).epoch(0)))
     predictions = np.asarray(eval_fn(state, batch.as_dict())['predictions'])
     shown = int(min(6, batch.mask.sum()))
     plot_lib.save_predictions(batch.images[:shown], predictions[:shown], batch.labels[:shown], class_names,
-                              weights.preprocessing.mean, weights.preprocessing.std, workdir / 'predictions.png',
-                              num_images=shown)
-    plot_lib.save_curves(history, workdir / 'curves.png')
-  run_manager.close()
-  best_manager.close()
-  return TrainResult(history, best_val_acc, best_epoch, compile_seconds, state, class_names, workdir)
+                              transforms.mean, transforms.std, run.path / 'predictions.png', num_images=shown)
+    plot_lib.save_curves(history, run.path / 'curves.png')
+  run.close()
+  return TrainResult(history, best_val_acc, best_epoch, compile_seconds, state, class_names, run.path)

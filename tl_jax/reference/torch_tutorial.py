@@ -1,6 +1,6 @@
 """PyTorch's "Transfer Learning for Computer Vision" tutorial, kept as close to its code as possible.
 
-The tutorial's recipe, with its hyper-parameters taken from a `TrainConfig`: ImageFolder with the
+The tutorial's recipe, with its hyper-parameters taken from a `TutorialRecipe`: ImageFolder with the
 tutorial's transforms, DataLoader(batch_size=4, shuffle=True) for both phases (the tutorial
 shuffles val too), torchvision's resnet18 with `fc` replaced, SGD(0.001, 0.9) over all parameters
 (finetune) or over `fc` only with the backbone's `requires_grad` off (frozen), StepLR(7, 0.1)
@@ -25,7 +25,7 @@ from torch import nn, optim
 from torch.optim import lr_scheduler
 from torchvision import datasets, transforms
 
-from tl_jax.config import TrainConfig
+from tl_jax.config import TutorialRecipe
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -108,7 +108,7 @@ def load_backbone(model: nn.Module, state_dict: Mapping[str, Any]) -> None:
                      f'unexpected {list(unexpected)[:10]}')
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> tuple[optim.Optimizer, lr_scheduler.StepLR]:
+def build_optimizer(model: nn.Module, config: TutorialRecipe) -> tuple[optim.Optimizer, lr_scheduler.StepLR]:
   """SGD over all parameters (finetune) or `fc`'s (frozen), and StepLR stepped per epoch."""
   params = model.fc.parameters() if config.strategy == 'frozen' else model.parameters()
   optimizer = optim.SGD(params, lr=config.lr, momentum=config.momentum)
@@ -132,7 +132,7 @@ def default_device() -> str:
   return 'cuda:0' if torch.cuda.is_available() else 'cpu'
 
 
-def train_torch(config: TrainConfig, data_root: str | os.PathLike, state_dict: Optional[Mapping[str, Any]] = None,
+def train_torch(config: TutorialRecipe, data_root: str | os.PathLike, state_dict: Optional[Mapping[str, Any]] = None,
                 log: Callable[[str], None] = print, epochs: Optional[int] = None, *,
                 num_threads: Optional[int] = None, device: Optional[str] = None,
                 eval_batch_size: Optional[int] = None) -> TorchResult:
