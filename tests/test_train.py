@@ -268,3 +268,108 @@ def test_starvation_counts_waits_with_no_step_running_and_not_waits_behind_a_run
   # fetch starves the device.
   _, _, starved = run_phase(_step_taking(0.2), None, _timed_loader(0.1, prefetch=1), 0, True, False, 'train')
   assert starved < 0.25
+
+
+# ----------------------------------------------------------------------------- stages and the loop
+
+SMALL_TRANSFORMS = {
+    'train_transforms': [{'RandomResizedCrop': {'size': 32}}, {'RandomHorizontalFlip': {}}, {'ToTensor': {}},
+                         {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25]}}],
+    'val_transforms': [{'Resize': {'size': 36}}, {'CenterCrop': {'size': 32}}, {'ToTensor': {}},
+                       {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25]}}],
+}
+
+
+def _small_folder(root, per_class=6, val_per_class=3):
+  from PIL import Image as PILImage
+  rng = np.random.default_rng(5)
+  for split, n in (('train', per_class), ('val', val_per_class)):
+    for label, cls in enumerate(('ants', 'bees')):
+      folder = root / split / cls
+      folder.mkdir(parents=True)
+      for i in range(n):
+        pixels = np.clip(rng.normal(70 + 110 * label, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+        PILImage.fromarray(pixels).save(folder / f'{cls}_{i}.png')
+  return root
+
+
+def _small_config(tmp_path, stages, **data):
+  from tl_jax.config import validate
+  return validate({'model': {'arch': 'resnet18', 'weights': 'random'},
+                   'data': {'path': str(_small_folder(tmp_path / 'data')), 'batch_size': 4, 'eval_batch_size': 8,
+                            'workers': 0, **SMALL_TRANSFORMS, **data},
+                   'stages': stages, 'seed': 0})
+
+
+def test_stages_run_in_order_with_fresh_optimizers_and_carry_weights_and_bn_stats(tmp_path):
+  from tl_jax import train as train_lib
+  config = _small_config(tmp_path, [
+      {'name': 'head', 'epochs': 2, 'trainable': ['head'], 'optimizer': {'name': 'sgd', 'lr': 0.01, 'momentum': 0.9},
+       'schedule': {'name': 'step', 'step_size': 1, 'gamma': 0.5}},
+      {'name': 'all', 'epochs': 1, 'trainable': 'all', 'optimizer': {'name': 'sgd', 'lr': 0.001, 'momentum': 0.9}}])
+  data = train_lib.load_data(config)
+  from tl_jax.weights import IMAGENET_PREPROCESSING
+  loaders = train_lib.make_loaders(config, data, train_lib.make_transforms(config, IMAGENET_PREPROCESSING))
+  model = create_model('resnet18', 2)
+  variables = train_lib.initial_variables('resnet18', 2, 0)
+  examples = [next(iter(loader.epoch(0))).as_dict() for loader in loaders]
+  compiled = {}
+  state, head = train_lib.setup_stage(config, 0, model, variables, len(loaders[0]), *examples, compiled)
+  assert (head.first_epoch, head.epochs, head.lrs) == (0, 2, [0.01, 0.005])
+  for epoch in range(2):
+    state, row = train_lib.run_epoch(head, state, *loaders, epoch)
+    assert (row['stage'], row['stage_epoch'], row['lr']) == ('head', epoch, head.lrs[epoch])
+  assert int(state.step) == 2 * len(loaders[0])
+  # Head only: the backbone's weights did not move, its BN statistics did (bn: train).
+  np.testing.assert_array_equal(state.params['layer1_0']['conv1']['kernel'],
+                                variables['params']['layer1_0']['conv1']['kernel'])
+  assert not np.array_equal(state.batch_stats['bn1']['mean'], variables['batch_stats']['bn1']['mean'])
+
+  carried = {'params': state.params, 'batch_stats': state.batch_stats}
+  state2, stage2 = train_lib.setup_stage(config, 1, model, carried, len(loaders[0]), *examples, compiled)
+  # A new stage starts a new optimizer: step 0, no momentum yet; weights and BN stats carry over.
+  assert int(state2.step) == 0 and stage2.first_epoch == 2 and stage2.lrs == [0.001]
+  assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(state2.opt_state))
+  np.testing.assert_array_equal(state2.params['fc']['kernel'], carried['params']['fc']['kernel'])
+  np.testing.assert_array_equal(state2.batch_stats['bn1']['var'], carried['batch_stats']['bn1']['var'])
+  assert len(compiled) == 2 and stage2.compile_seconds['train_step'] > 0
+
+
+def test_a_stage_equal_to_an_earlier_one_reuses_its_compiled_steps(tmp_path):
+  from tl_jax import train as train_lib
+  same = {'trainable': ['layer4', 'head'], 'optimizer': {'name': 'sgd', 'lr': 0.01}}
+  config = _small_config(tmp_path, [{'name': 'a', 'epochs': 1, **same}, {'name': 'b', 'epochs': 1, **same}])
+  from tl_jax.weights import IMAGENET_PREPROCESSING
+  data = train_lib.load_data(config)
+  loaders = train_lib.make_loaders(config, data, train_lib.make_transforms(config, IMAGENET_PREPROCESSING))
+  model = create_model('resnet18', 2)
+  variables = train_lib.initial_variables('resnet18', 2, 0)
+  examples = [next(iter(loader.epoch(0))).as_dict() for loader in loaders]
+  compiled = {}
+  _, first = train_lib.setup_stage(config, 0, model, variables, len(loaders[0]), *examples, compiled)
+  _, second = train_lib.setup_stage(config, 1, model, variables, len(loaders[0]), *examples, compiled)
+  assert first.compile_seconds['train_step'] > 0 and second.compile_seconds == {'train_step': 0.0, 'eval_step': 0.0}
+  assert second.train_fn is first.train_fn and len(compiled) == 1
+
+
+def test_train_and_evaluate_two_stages_keeps_the_best_epoch_over_the_whole_run(tmp_path):
+  import json
+  from tl_jax import checkpoint
+  from tl_jax.train import train_and_evaluate
+  config = _small_config(tmp_path, [
+      {'name': 'head', 'epochs': 2, 'trainable': ['head'], 'optimizer': {'name': 'sgd', 'lr': 0.01, 'momentum': 0.9}},
+      {'name': 'finetune', 'epochs': 2, 'trainable': 'all',
+       'optimizer': {'name': 'sgd', 'lr': 0.001, 'momentum': 0.9}}])
+  lines = []
+  result = train_and_evaluate(config, tmp_path / 'run', progress=False, plots=False, log=lines.append)
+  history = json.loads((tmp_path / 'run' / 'history.json').read_text())['epochs']
+  assert [(r['epoch'], r['stage'], r['stage_epoch'], r['lr']) for r in history] == [
+      (0, 'head', 0, 0.01), (1, 'head', 1, 0.01), (2, 'finetune', 0, 0.001), (3, 'finetune', 1, 0.001)]
+  accs = [r['val_acc'] for r in history]
+  best_epoch = accs.index(max(accs))   # first epoch reaching the maximum: strict >
+  assert (result.best_epoch, result.best_val_acc) == (best_epoch, max(accs))
+  best = checkpoint.load_model(tmp_path / 'run')
+  assert best.metadata['epoch'] == best_epoch and best.metadata['stage'] == history[best_epoch]['stage']
+  assert best.metadata['val_transforms'] == SMALL_TRANSFORMS['val_transforms']
+  # One compile per distinct trainable set.
+  assert sum('compiled train_step' in line for line in lines) == 2

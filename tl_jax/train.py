@@ -25,7 +25,6 @@ from tl_jax.config import Config, DataConfig, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data.folder import ImageFolder, check_same_classes, drop_bad_images
 from tl_jax.data.loader import Batch, Loader
-from tl_jax.data.transforms import EvalTransform, TrainTransform
 from tl_jax.models import ResNet, create_model, init_variables
 from tl_jax.rundir import RunDir, RunError
 from tl_jax.weights import Preprocessing, resolve_weights
@@ -152,22 +151,18 @@ def load_data(config: Config, log: Callable[[str], None] = print) -> Data:
 
 @dataclasses.dataclass(frozen=True)
 class Transforms:
-  """The train and val transforms of a run, and the specs saved with its checkpoints."""
+  """A run's train and val pipelines (tl_jax.data.transforms.Pipeline): (image, rng) -> float32 HWC."""
   train: Any
   val: Any
-  train_spec: Optional[list]
-  val_spec: Optional[list]
-  mean: tuple[float, ...]
-  std: tuple[float, ...]
 
 
 def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
-  """The configured transform lists, or the weights' own preprocessing (the tutorial's pipeline)."""
-  mean, std = tuple(preprocessing.mean), tuple(preprocessing.std)
-  train_tf = TrainTransform(crop_size=preprocessing.crop_size, mean=mean, std=std)
-  eval_tf = EvalTransform(resize_size=preprocessing.resize_size, crop_size=preprocessing.crop_size,
-                          mean=mean, std=std)
-  return Transforms(train_tf, lambda img, _rng: eval_tf(img), None, None, mean, std)
+  """The configured transform lists; a list left out is the weights' own preprocessing (the tutorial's)."""
+  from tl_jax.data import transforms as T
+  train_spec = config.data.train_transforms or T.tutorial_train_spec(preprocessing)
+  val_spec = config.data.val_transforms or T.tutorial_val_spec(preprocessing)
+  return Transforms(T.build_pipeline(train_spec, where='data.train_transforms'),
+                    T.build_pipeline(val_spec, where='data.val_transforms'))
 
 
 def make_loaders(config: Config, data: Data, transforms: Transforms) -> tuple[Loader, Loader]:
@@ -386,7 +381,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
 
   metadata = checkpoint.make_metadata(
       config.model.arch, len(class_names), weights.preprocessing.to_dict(), class_names,
-      source=weights.source, stages=[s.name for s in config.stages], val_transforms=transforms.val_spec,
+      source=weights.source, stages=[s.name for s in config.stages], val_transforms=transforms.val.to_spec(),
       config=config.to_dict())
   compiled: dict = {}
   compile_seconds: dict[str, float] = {}
@@ -404,7 +399,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     if plots and start_epoch == 0 and index == 0:
       from tl_jax import plots as plot_lib
       plot_lib.save_train_batch(example_train['images'], example_train['labels'], class_names,
-                                transforms.mean, transforms.std, run.path / 'train_batch.png')
+                                transforms.train.mean, transforms.train.std, run.path / 'train_batch.png')
     for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
       log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
           '\n' + '-' * 10)
@@ -442,7 +437,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     predictions = np.asarray(eval_fn(state, batch.as_dict())['predictions'])
     shown = int(min(6, batch.mask.sum()))
     plot_lib.save_predictions(batch.images[:shown], predictions[:shown], batch.labels[:shown], class_names,
-                              transforms.mean, transforms.std, run.path / 'predictions.png', num_images=shown)
+                              transforms.val.mean, transforms.val.std, run.path / 'predictions.png', num_images=shown)
     plot_lib.save_curves(history, run.path / 'curves.png')
   run.close()
   return TrainResult(history, best_val_acc, best_epoch, compile_seconds, state, class_names, run.path)
