@@ -158,9 +158,13 @@ def test_train_refuses_bad_flags_and_missing_data(tmp_path):
     proc = run_script('train.py', '--data', data, '--weights', 'random', '--workdir', workdir, check=False)
     assert proc.returncode == 2 and reason in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
   config = tmp_path / 'c.yaml'
-  config.write_text('epochs: many\n')
+  config.write_text('stages: [{name: s, epochs: many}]\n')
   proc = run_script('train.py', '--config', config, check=False)
-  assert proc.returncode == 2 and "epochs in" in proc.stderr and "'many'" in proc.stderr
+  assert proc.returncode == 2 and 'stages[0].epochs in' in proc.stderr and "'many'" in proc.stderr
+  proc = run_script('train.py', '--strategy', 'frozen', '--trainable', 'layer9', check=False)
+  assert proc.returncode == 2 and "no stage 'layer9'" in proc.stderr and 'layer4' in proc.stderr
+  proc = run_script('train.py', '--strategy', 'two-stage', '--head-epochs', '5', '--epochs', '5', check=False)
+  assert proc.returncode == 2 and '--head-epochs 5, --epochs 5' in proc.stderr
 
 
 TWO_STAGE = """
