@@ -4,6 +4,7 @@
   python scripts/benchmark.py                         # frozen and finetune, 2 epochs each
   python scripts/benchmark.py --epochs 3 --strategies finetune --json bench.json
   python scripts/benchmark.py --skip-torch --epochs 1
+  python scripts/benchmark.py --epochs 3 --bn train,frozen      # both BatchNorm policies too
 """
 
 import argparse
@@ -25,6 +26,9 @@ def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--epochs', type=int, default=2, help='epochs per strategy and framework (K)')
   parser.add_argument('--strategies', default='frozen,finetune', help='comma-separated: frozen, finetune')
+  parser.add_argument('--bn', default='train',
+                      help="comma-separated BatchNorm policies to run each strategy with: train (the tutorial's), "
+                           'frozen (default %(default)s; train,frozen runs both)')
   parser.add_argument('--data', default=_default_data(), help='folder with train/ and val/ (default %(default)s)')
   parser.add_argument('--weights', default='random',
                       help='random (default: speed does not depend on the values), imagenet or a state-dict path')
@@ -41,9 +45,14 @@ def main() -> int:
     parser.error('--skip-torch and --skip-jax leave nothing to run')
   if not strategies:
     parser.error('--strategies is empty')
+  bn_policies = [b.strip() for b in args.bn.split(',') if b.strip()]
+  bad = [b for b in bn_policies if b not in ('train', 'frozen')] + [s for s in strategies
+                                                                  if s not in ('frozen', 'finetune')]
+  if bad or not bn_policies:
+    parser.error(f'unknown --strategies/--bn value(s) {bad}; strategies: frozen, finetune; bn: train, frozen')
 
   from tl_jax.benchmark import format_report, run_benchmark
-  report = run_benchmark(args.data, strategies=strategies, epochs=args.epochs, weights=args.weights,
+  report = run_benchmark(args.data, strategies=strategies, bn_policies=bn_policies, epochs=args.epochs, weights=args.weights,
                          torch_threads=args.torch_threads, workers=args.workers,
                          run_jax=not args.skip_jax, run_reference=not args.skip_torch,
                          log=lambda m: print(m, file=sys.stderr))

@@ -58,10 +58,14 @@ def test_both_frameworks_train_the_tiny_folder_and_the_report_has_every_epoch(tm
   assert math.isfinite(ratio) and ratio > 0
   text = benchmark.format_report(report)
   assert 'ratio tl_jax/torch' in text and 'frozen, 2 epoch(s)' in text
+  summary_line = next(line for line in text.splitlines() if line.startswith('frozen     train'))
+  assert f'{ratio:.2f}' in summary_line and 'machine:' in text
 
 
 def test_script_refuses_bad_flags():
   proc = run_script('benchmark.py', '--epochs', '0', check=False)
   assert proc.returncode == 2 and '--epochs must be >= 1' in proc.stderr
+  proc = run_script('benchmark.py', '--bn', 'sometimes', check=False)
+  assert proc.returncode == 2 and "unknown --strategies/--bn value(s) ['sometimes']" in proc.stderr
   proc = run_script('benchmark.py', '--skip-torch', '--skip-jax', check=False)
   assert proc.returncode == 2 and 'leave nothing to run' in proc.stderr

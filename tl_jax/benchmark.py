@@ -123,7 +123,7 @@ def environment(torch_threads: Optional[int], workers: int) -> dict:
   """Devices, versions and thread counts of both frameworks (imports only what is installed)."""
   import jax
   env: dict[str, Any] = {
-      'python': platform.python_version(), 'machine': platform.machine(),
+      'python': platform.python_version(), 'machine': platform.machine(), 'cpu_model': cpu_model(),
       'cpu_count': os.cpu_count(),
       'cpus_usable': len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count(),
       'jax': jax.__version__, 'jax_devices': [str(d) for d in jax.devices()],
@@ -154,14 +154,30 @@ def environment(torch_threads: Optional[int], workers: int) -> dict:
   return env
 
 
+def cpu_model() -> str:
+  """The processor's name as the OS reports it (Linux), else platform.processor()."""
+  try:
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+      if line.lower().startswith('model name'):
+        return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or 'unknown'
+
+
 def dataset_sizes(data_root: str | Path) -> dict[str, int]:
   """Images per split as ImageFolder counts them (non-image files such as .gif are not counted)."""
   from tl_jax.data.folder import ImageFolder
   return {split: len(ImageFolder(Path(data_root) / split)) for split in ('train', 'val')}
 
 
+def case_name(strategy: str, bn: str) -> str:
+  """A report key: the strategy, with its BatchNorm policy when that is not the tutorial's."""
+  return strategy if bn == 'train' else f'{strategy}/bn={bn}'
+
+
 def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen', 'finetune'), epochs: int = 2,
-                  weights: str = 'random', torch_threads: Optional[int] = None, workers: Optional[int] = None,
+                  bn_policies: Sequence[str] = ('train',), weights: str = 'random', torch_threads: Optional[int] = None, workers: Optional[int] = None,
                   run_jax: bool = True, run_reference: bool = True, seed: int = 0,
                   log: Callable[[str], None] = print) -> dict:
   """Trains each strategy for `epochs` epochs with tl_jax and with the torch tutorial; returns the report.
@@ -169,6 +185,8 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
   Args:
     data_root: hymenoptera_data-like folder with train/ and val/.
     strategies: any of 'frozen', 'finetune'.
+    bn_policies: any of 'train' (the tutorial's model.train()) and 'frozen' (eval-mode BN while
+      training); every strategy runs with each.
     epochs: K; the steady state averages epochs 2..K (1-based) when K >= 2.
     weights: 'random' (speed does not depend on the values), 'imagenet' or a state-dict path;
       both frameworks start from the same weights.
@@ -194,20 +212,23 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
   report: dict[str, Any] = {'environment': env, 'dataset_sizes': sizes, 'epochs': epochs, 'weights': weights,
                             'config': base.to_dict(), 'strategies': {}}
   for strategy in strategies:
-    config = dataclasses.replace(base, strategy=strategy)
-    config.to_config()
-    runs: dict[str, FrameworkRun] = {}
-    if run_jax:
-      log(f'== {strategy}: tl_jax, {epochs} epoch(s)')
-      runs['tl_jax'] = run_tl_jax(config, log=_prefixed(log, f'  [tl_jax {strategy}]'))
-    if run_reference:
-      log(f'== {strategy}: torch, {epochs} epoch(s)')
-      runs['torch'] = run_torch(config, data_root, state_dict, num_threads=env.get('torch_threads'),
-                                prefix=f'  [torch {strategy}]')
-    report['strategies'][strategy] = {
-        'runs': {name: run.to_dict() for name, run in runs.items()},
-        'summary': summarize(runs, sizes),
-    }
+    for bn in bn_policies:
+      name = case_name(strategy, bn)
+      config = dataclasses.replace(base, strategy=strategy, bn=bn)
+      config.to_config()   # validates
+      runs: dict[str, FrameworkRun] = {}
+      if run_jax:
+        log(f'== {name}: tl_jax, {epochs} epoch(s)')
+        runs['tl_jax'] = run_tl_jax(config, log=_prefixed(log, f'  [tl_jax {name}]'))
+      if run_reference:
+        log(f'== {name}: torch, {epochs} epoch(s)')
+        runs['torch'] = run_torch(config, data_root, state_dict, num_threads=env.get('torch_threads'),
+                                  prefix=f'  [torch {name}]')
+      report['strategies'][name] = {
+          'strategy': strategy, 'bn': bn,
+          'runs': {framework: run.to_dict() for framework, run in runs.items()},
+          'summary': summarize(runs, sizes),
+      }
   return report
 
 
@@ -227,6 +248,7 @@ def format_report(report: dict) -> str:
   """The report as text: environment, then per strategy the epoch table and the summary lines."""
   env, sizes, cfg = report['environment'], report['dataset_sizes'], report['config']
   lines = [
+      f"machine: {env.get('cpu_model', '?')}, {env['cpus_usable']} usable CPU(s), {env['machine']}",
       f"device: jax {env['jax_devices']} ({env['jax_backend']}); torch {env.get('torch_device', 'not installed')}"
       + (f" ({env['torch_device_name']})" if 'torch_device_name' in env else ''),
       f"versions: jax {env['jax']}, flax {env.get('flax', '?')}, torch {env.get('torch', '-')}, "
@@ -278,4 +300,22 @@ def format_report(report: dict) -> str:
     if 'tl_jax' in summary:
       lines.append(f"tl_jax data-wait fraction ({_epoch_span(summary['tl_jax']['epochs'])}): "
                    f"{_fmt(100 * summary['tl_jax']['data_wait_fraction'], 1)}% of train seconds")
+  lines += [''] + summary_table(report)
   return '\n'.join(lines)
+
+
+def summary_table(report: dict) -> list[str]:
+  """One line per case: steady-state seconds per epoch of both frameworks, their ratio, compile, data wait."""
+  header = (f"{'strategy':<10} {'bn':<7} {'tl_jax s/epoch':>14} {'torch s/epoch':>13} {'tl_jax/torch':>12} "
+            f"{'compile s':>9} {'data wait':>9}")
+  lines = ['summary (steady state)', header, '-' * len(header)]
+  for entry in report['strategies'].values():
+    summary, runs = entry['summary'], entry['runs']
+    ours, theirs = summary.get('tl_jax', {}), summary.get('torch', {})
+    ratio = summary.get('ratio_tl_jax_over_torch', {}).get('seconds', float('nan'))
+    compile_s = sum(runs['tl_jax']['compile_seconds'].values()) if 'tl_jax' in runs else float('nan')
+    lines.append(f"{entry.get('strategy', '?'):<10} {entry.get('bn', 'train'):<7} "
+                 f"{_fmt(ours.get('seconds', float('nan'))):>14} {_fmt(theirs.get('seconds', float('nan'))):>13} "
+                 f"{_fmt(ratio):>12} {_fmt(compile_s, 1):>9} "
+                 f"{_fmt(100 * ours.get('data_wait_fraction', float('nan')), 1):>8}%")
+  return lines
