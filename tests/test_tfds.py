@@ -210,6 +210,19 @@ def test_missing_set_says_where_it_looked_and_how_to_prepare(tmp_path):
   assert not (tmp_path / 'downloads').exists()
 
 
+def test_download_flag_prepares_a_known_set_as_array_record(prepared, tmp_path):
+  """This builder generates its records locally, so 'downloading' it touches no network."""
+  folder, _ = prepared
+  _SOURCE['root'] = folder
+  with pytest.raises(TfdsError, match='tl_jax_test_images is not prepared in'):
+    _load('tfds:tl_jax_test_images', tfds_data_dir=str(tmp_path))
+  lines = []
+  data = _load('tfds:tl_jax_test_images', tfds_data_dir=str(tmp_path), tfds_download=True, log=lines.append)
+  assert lines == [f'downloading and preparing tfds:tl_jax_test_images in {tmp_path} (array_record)']
+  assert data.describe()['file_format'] == 'array_record' and data.describe()['counts'] == {'train': 8, 'val': 6}
+  assert list((tmp_path / 'tl_jax_test_images' / '1.0.0').glob('*-train.array_record-*'))
+
+
 def test_unknown_version_lists_what_is_prepared(prepared):
   _, data_dir = prepared
   with pytest.raises(TfdsError, match=r'holds tl_jax_test_images/1\.0\.0'):
