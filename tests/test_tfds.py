@@ -102,9 +102,9 @@ def make_folder(root: Path, train_per_class: int = 4, val_per_class: int = 3) ->
   return root
 
 
-def prepare(builder_cls, folder: Path, data_dir: Path):
+def prepare(builder_cls, folder: Path, data_dir: Path, file_format: str = 'array_record'):
   _SOURCE['root'] = folder
-  builder = builder_cls(data_dir=str(data_dir), file_format='array_record')
+  builder = builder_cls(data_dir=str(data_dir), file_format=file_format)
   builder.download_and_prepare()
   return builder
 
@@ -155,6 +155,19 @@ def test_tfds_loader_yields_the_folder_loaders_tensors(prepared):
         assert within(err, 'pixel_abs', f'tfds vs folder loader batches ({phase})')
         np.testing.assert_array_equal(x.labels, y.labels)
         np.testing.assert_array_equal(x.mask, y.mask)
+
+
+def test_parquet_set_reads_the_same_images(prepared, tmp_path):
+  folder, _ = prepared
+  prepare(TlJaxTestImages, folder, tmp_path, file_format='parquet')
+  data = _load('tfds:tl_jax_test_images', tfds_data_dir=str(tmp_path))
+  assert data.describe()['file_format'] == 'parquet'
+  from_folder = _load(folder)
+  for phase in ('train', 'val'):
+    ours, ref = getattr(data, phase).samples, getattr(from_folder, phase).samples
+    assert [label for _, label in ours] == [label for _, label in ref]
+    for (key, _), (path, _) in zip(ours, ref):
+      np.testing.assert_array_equal(np.asarray(data.load(key)), np.asarray(from_folder.load(path)))
 
 
 def test_describe_records_the_set_and_its_splits(prepared):
@@ -305,4 +318,4 @@ def test_train_script_on_a_tfds_set_then_predict(prepared, tmp_path):
   assert proc.returncode == 0, proc.stderr
   results = json.loads(proc.stdout)
   assert [r['path'] for r in results] == [str(p) for p in images]
-  assert all(r['label'] in CLASSES for r in results)
+  assert all(r['class_name'] in CLASSES and 'error' not in r for r in results)

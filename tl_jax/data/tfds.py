@@ -52,7 +52,7 @@ class TfdsSplit:
   """One phase's records: `samples` (key, label), `classes`, as `ImageFolder` has them."""
   root: str  # 'tfds:NAME SPLIT', for messages
   classes: list[str]
-  samples: list[tuple[str, int]]
+  samples: list[tuple[str, int]] = dataclasses.field(repr=False)
 
   @property
   def class_to_idx(self) -> dict[str, int]:
