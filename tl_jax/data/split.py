@@ -9,6 +9,7 @@ images added to the folder later cannot move between train and val mid-run.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from pathlib import Path
@@ -66,7 +67,8 @@ def split_folder(root: str | Path, val_fraction: float, seed: int, workdir: Opti
     log: receives a warning about images added after the split was saved.
   """
   folder = ImageFolder(root)
-  small = [name for name in folder.classes if folder.targets.count(folder.class_to_idx[name]) < 2]
+  counts = collections.Counter(folder.targets)
+  small = [name for name in folder.classes if counts[folder.class_to_idx[name]] < 2]
   if small:
     raise DatasetLayoutError(
         f'class folder(s) with fewer than 2 images cannot be split into train and val: '
