@@ -66,6 +66,17 @@ class TlJaxTestTrainOnly(TlJaxTestImages):
     return {'train': self._generate_examples(_SOURCE['root'] / 'train')}
 
 
+class TlJaxTestConfigs(TlJaxTestImages):
+  """Two configs: 'full' (train/ and val/) and 'val_only' (val/ as both splits)."""
+  BUILDER_CONFIGS = [tfds.core.BuilderConfig(name='full'), tfds.core.BuilderConfig(name='val_only')]
+
+  def _split_generators(self, dl_manager):
+    if self.builder_config.name == 'val_only':
+      return {'train': self._generate_examples(_SOURCE['root'] / 'val'),
+              'validation': self._generate_examples(_SOURCE['root'] / 'val')}
+    return super()._split_generators(dl_manager)
+
+
 class TlJaxTestUnlabelled(tfds.core.GeneratorBasedBuilder):
   """Images with an integer id and no ClassLabel."""
   VERSION = tfds.core.Version('1.0.0')
@@ -102,9 +113,9 @@ def make_folder(root: Path, train_per_class: int = 4, val_per_class: int = 3) ->
   return root
 
 
-def prepare(builder_cls, folder: Path, data_dir: Path, file_format: str = 'array_record'):
+def prepare(builder_cls, folder: Path, data_dir: Path, file_format: str = 'array_record', **kwargs):
   _SOURCE['root'] = folder
-  builder = builder_cls(data_dir=str(data_dir), file_format=file_format)
+  builder = builder_cls(data_dir=str(data_dir), file_format=file_format, **kwargs)
   builder.download_and_prepare()
   return builder
 
@@ -281,23 +292,35 @@ def test_unreadable_record_is_named_by_split_and_index_and_can_be_skipped(tmp_pa
   assert any('skipping unreadable image tfds:tl_jax_test_images train[4]' in w for w in warnings)
 
 
-def test_set_is_read_by_a_process_that_cannot_import_its_builder(prepared):
+def test_set_is_read_by_a_process_that_cannot_import_its_builder(prepared, tmp_path):
   """A user's own builder: the program reads the prepared files through dataset_info.json."""
   folder, data_dir = prepared
-  code = ('import json, sys; from tl_jax.data.sources import load_data; '
-          'd = load_data("tfds:tl_jax_test_images", workdir=None, seed=0, skip_bad_images=False, workers=2, '
-          'tfds_data_dir=sys.argv[1], log=lambda m: None); '
-          'import numpy as np; '
-          'print(json.dumps({"describe": d.describe(), "classes": d.train.classes, '
-          '"pixels": np.asarray(d.load(d.val.samples[0][0])).tolist()}))')
+  prepare(TlJaxTestConfigs, folder, tmp_path, config='val_only')
+  code = """if True:
+    import json, sys
+    import numpy as np
+    from tl_jax.data.sources import load_data
+    out = []
+    for spec, data_dir in json.loads(sys.argv[1]):
+      d = load_data(spec, workdir=None, seed=0, skip_bad_images=False, workers=2, tfds_data_dir=data_dir,
+                    log=lambda m: None)
+      out.append({'describe': d.describe(), 'classes': d.train.classes,
+                  'pixels': np.asarray(d.load(d.val.samples[0][0])).tolist()})
+    print(json.dumps(out))
+  """
+  specs = [('tfds:tl_jax_test_images', str(data_dir)), ('tfds:tl_jax_test_configs/val_only:1.0.0', str(tmp_path))]
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
-  proc = subprocess.run([sys.executable, '-c', code, str(data_dir)], cwd=REPO, env=env, capture_output=True,
+  proc = subprocess.run([sys.executable, '-c', code, json.dumps(specs)], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert out['classes'] == list(CLASSES) and out['describe']['counts'] == {'train': 8, 'val': 6}
-  first_val = ImageFolder(folder / 'val').samples[0][0]
-  np.testing.assert_array_equal(np.asarray(out['pixels'], np.uint8), np.asarray(Image.open(first_val).convert('RGB')))
+  plain, with_config = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert plain['classes'] == with_config['classes'] == list(CLASSES)
+  assert plain['describe']['counts'] == {'train': 8, 'val': 6}
+  assert with_config['describe']['counts'] == {'train': 6, 'val': 6}
+  assert with_config['describe']['config'] == 'val_only' and with_config['describe']['version'] == '1.0.0'
+  first_val = np.asarray(Image.open(ImageFolder(folder / 'val').samples[0][0]).convert('RGB'))
+  for out in (plain, with_config):
+    np.testing.assert_array_equal(np.asarray(out['pixels'], np.uint8), first_val)
 
 
 @pytest.mark.skip(reason='needs the train loop to call data.sources.load_data')
