@@ -232,6 +232,12 @@ def test_missing_set_says_where_it_looked_and_how_to_prepare(tmp_path):
   with pytest.raises(TfdsError, match=rf'mnist is not prepared in {tmp_path}.*--tfds-download.*array_record'):
     _load('tfds:mnist', tfds_data_dir=str(tmp_path))
   assert not (tmp_path / 'downloads').exists()
+  # Another version is there: the message says so.
+  fake = tmp_path / 'mnist' / '1.0.0'
+  fake.mkdir(parents=True)
+  (fake / 'dataset_info.json').write_text('{}')
+  with pytest.raises(TfdsError, match=r'holds mnist/1\.0\.0: name it with its version'):
+    _load('tfds:mnist', tfds_data_dir=str(tmp_path))
 
 
 def test_download_flag_prepares_a_known_set_as_array_record(prepared, tmp_path):

@@ -226,7 +226,9 @@ def open_tfds(spec: str, data_dir: Optional[str] = None, download: bool = False,
                     '--tfds-data-dir (or set TFDS_DATA_DIR) where the set is prepared.') from e
   if not builder.is_prepared():
     if not download:
-      raise TfdsError(f'{PREFIX}{spec} is not prepared in {data_dir} (looked for {builder.data_dir}); '
+      found = _prepared_versions(data_dir, spec.split('/')[0].split(':')[0])
+      other = f' ({data_dir} holds {", ".join(found)}: name it with its version)' if found else ''
+      raise TfdsError(f'{PREFIX}{spec} is not prepared in {data_dir} (looked for {builder.data_dir}){other}; '
                       + _not_prepared_hint(spec, data_dir))
     log(f'downloading and preparing {PREFIX}{spec} in {data_dir} (array_record)')
     builder.download_and_prepare(file_format='array_record')
