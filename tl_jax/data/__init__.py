@@ -1,1 +1,1 @@
-"""Data: the hymenoptera folder, its download, transforms and batching."""
+"""Data: where it comes from (folders, a seeded split of one folder, TFDS sets), transforms and batching."""

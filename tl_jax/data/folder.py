@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import io
 import os
 import sys
 import threading
@@ -168,7 +170,12 @@ def _truncated_images_raise() -> Iterator[None]:
 
 
 def _decode(path: str) -> Image.Image:
-  with _truncated_images_raise(), open(path, 'rb') as f:
+  with open(path, 'rb') as f:
+    return _decode_file(f)
+
+
+def _decode_file(f) -> Image.Image:
+  with _truncated_images_raise():
     img = Image.open(f)
     img.load()
     return img.convert('RGB')
@@ -192,17 +199,41 @@ def load_image(path: Union[str, Path]) -> Image.Image:
     raise ImageReadError([(path, f'{type(e).__name__}: {e}')]) from e
 
 
-def find_bad_images(samples: Sequence[Union[tuple[str, int], str]],
-                    num_threads: int = 2) -> list[tuple[str, str]]:
-  """(path, reason) for each file among `samples` ((path, label) pairs or paths) that does not decode."""
-  paths = [s if isinstance(s, (str, os.PathLike)) else s[0] for s in samples]
-  paths = [os.fspath(p) for p in paths]
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+  """Encoded image `data` (e.g. a TFDS record's) decoded as `load_image` decodes a file; errors name `name`."""
+  try:
+    return _decode_file(io.BytesIO(data))
+  except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
+    raise ImageReadError([(name, f'{type(e).__name__}: {e}')]) from e
+
+
+def _load_failure(load: Callable[[str], Image.Image], key: str) -> Optional[str]:
+  try:
+    load(key)
+  except ImageReadError as e:
+    return e.bad[0][1]
+  except Exception as e:  # a loader that does not wrap PIL's errors
+    return f'{type(e).__name__}: {e}'
+  return None
+
+
+def find_bad_images(samples: Sequence[Union[tuple[str, int], str]], num_threads: int = 2,
+                    load: Optional[Callable[[str], Image.Image]] = None) -> list[tuple[str, str]]:
+  """(key, reason) for each of `samples` ((key, label) pairs or keys) that does not decode.
+
+  Keys are file paths read by `load_image`, or whatever `load` takes (e.g. TFDS record names).
+  """
+  keys = [s if isinstance(s, (str, os.PathLike)) else s[0] for s in samples]
+  if load is None:
+    keys, check = [os.fspath(k) for k in keys], _read_failure
+  else:
+    check = functools.partial(_load_failure, load)
   if num_threads <= 1:
-    failures = [_read_failure(p) for p in paths]
+    failures = [check(k) for k in keys]
   else:
     with ThreadPoolExecutor(max_workers=num_threads) as pool:
-      failures = list(pool.map(_read_failure, paths))
-  return [(p, reason) for p, reason in zip(paths, failures) if reason is not None]
+      failures = list(pool.map(check, keys))
+  return [(k, reason) for k, reason in zip(keys, failures) if reason is not None]
 
 
 def _warn(message: str) -> None:
@@ -210,7 +241,8 @@ def _warn(message: str) -> None:
 
 
 def drop_bad_images(dataset: ImageFolder, skip_bad: bool, warn: Callable[[str], None] = _warn,
-                    num_threads: int = 2) -> tuple[ImageFolder, int]:
+                    num_threads: int = 2,
+                    load: Optional[Callable[[str], Image.Image]] = None) -> tuple[ImageFolder, int]:
   """Checks every image of `dataset`; returns (dataset without unreadable images, number dropped).
 
   Args:
@@ -219,8 +251,9 @@ def drop_bad_images(dataset: ImageFolder, skip_bad: bool, warn: Callable[[str], 
       calling `warn` once per dropped file.
     warn: receives one message per dropped file.
     num_threads: decoding threads.
+    load: key -> image for samples that are not files (see `find_bad_images`).
   """
-  bad = find_bad_images(dataset.samples, num_threads)
+  bad = find_bad_images(dataset.samples, num_threads, load)
   if not bad:
     return dataset, 0
   if not skip_bad:
