@@ -25,8 +25,13 @@ def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--strategy', choices=sorted(STRATEGY_FILES), help='what learns (default: finetune)')
   parser.add_argument('--config', help='YAML recipe (default: configs/<strategy>.yaml)')
-  parser.add_argument('--data', help='folder with train/ and val/ (default: data/hymenoptera_data, '
-                                     'downloaded when missing)')
+  parser.add_argument('--data', help='folder with train/ and val/, a folder of class folders (split with '
+                                     'data.val_fraction), or tfds:NAME[/CONFIG][:VERSION] '
+                                     '(default: data/hymenoptera_data, downloaded when missing)')
+  parser.add_argument('--tfds-data-dir', help='where TFDS sets are prepared (default: $TFDS_DATA_DIR or '
+                                              '~/tensorflow_datasets)')
+  parser.add_argument('--tfds-download', action='store_true', default=None,
+                      help='download and prepare a TFDS set that is not prepared yet (needs network)')
   parser.add_argument('--weights', help='imagenet | random | PATH to a .pth/.safetensors state dict')
   parser.add_argument('--arch', help='resnet18 | resnet34 | resnet50 | resnet101 | vgg11 ... vgg19_bn')
   parser.add_argument('--epochs', type=int, help='epochs of every stage (two-stage: of both together)')
@@ -65,7 +70,7 @@ def main() -> int:
   overrides = {'epochs': epochs, 'lr': lr, 'bn': args.bn, 'data': args.data, 'weights': args.weights,
                'arch': args.arch, 'batch_size': args.batch_size, 'eval_batch_size': args.eval_batch_size,
                'seed': args.seed, 'workers': args.workers, 'skip_bad_images': args.skip_bad_images,
-               'trainable': args.trainable}
+               'trainable': args.trainable, 'tfds_data_dir': args.tfds_data_dir, 'tfds_download': args.tfds_download}
   given = {k: v for k, v in overrides.items() if v is not None}
   config = config_lib.validate(config_lib.apply_overrides(values, given),
                                f' in {path}' + (' with the command-line flags' if given else ''))

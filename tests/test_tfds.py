@@ -329,7 +329,6 @@ def test_set_is_read_by_a_process_that_cannot_import_its_builder(prepared, tmp_p
     np.testing.assert_array_equal(np.asarray(out['pixels'], np.uint8), first_val)
 
 
-@pytest.mark.skip(reason='needs the train loop to call data.sources.load_data')
 def test_train_script_on_a_tfds_set_then_predict(prepared, tmp_path):
   """scripts/train.py --data tfds:NAME in a process that cannot import the builder; predict on the result."""
   folder, data_dir = prepared
@@ -342,6 +341,10 @@ def test_train_script_on_a_tfds_set_then_predict(prepared, tmp_path):
   assert proc.returncode == 0, proc.stderr
   history = json.loads((tmp_path / 'run' / 'history.json').read_text())
   assert len(history['epochs']) == 1 and history['class_names'] == list(CLASSES)
+  # The checkpoint records what the model was trained on.
+  from tl_jax.checkpoint import load_model
+  source = load_model(tmp_path / 'run').metadata['data']
+  assert (source['kind'], source['name'], source['splits']['train']) == ('tfds', 'tl_jax_test_images', 'train')
   images = sorted((folder / 'val').glob('*/*.jpg'))[:2]
   proc = run('predict.py', '--checkpoint', tmp_path / 'run', '--json', *images)
   assert proc.returncode == 0, proc.stderr

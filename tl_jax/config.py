@@ -75,7 +75,7 @@ TransformSpec = dict[str, dict[str, Any]]
 
 
 class DataConfig(_Strict):
-  path: str = 'data/hymenoptera_data'   # folder with train/ and val/, a folder of classes, or tfds:NAME
+  path: str = 'data/hymenoptera_data'   # folder with train/ and val/, a folder of classes, or tfds:NAME[/CONFIG][:VERSION]
   batch_size: Annotated[int, Field(ge=2)] = 4   # train-mode BatchNorm needs 2 samples
   # Eval-mode BN makes val outputs independent of how images are batched, so val can use a
   # larger batch than training (fewer, better-filled steps) without changing any number.

@@ -21,10 +21,11 @@ import optax
 from flax.training import train_state
 
 from tl_jax import checkpoint, optim
-from tl_jax.config import Config, DataConfig, recipe_warnings
+from tl_jax.config import Config, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
-from tl_jax.data.folder import ImageFolder, check_same_classes, drop_bad_images
-from tl_jax.data.loader import Batch, Loader
+from tl_jax.data import sources
+from tl_jax.data.loader import Loader
+from tl_jax.data.sources import Data
 from tl_jax.models import ResNet, create_model, init_variables
 from tl_jax.rundir import RunDir, RunError
 from tl_jax.weights import Preprocessing, resolve_weights
@@ -116,37 +117,13 @@ def stage_lrs(config: Config, index: int) -> list[float]:
   return optim.epoch_lrs(stage.schedule.model_dump(), stage.optimizer.lr, stage.epochs)
 
 
-@dataclasses.dataclass
-class Data:
-  train: ImageFolder
-  val: ImageFolder
-  skipped: int
-
-
-def load_data(config: Config, log: Callable[[str], None] = print) -> Data:
-  """The train/ and val/ folders, checked; bad images raise or (skip_bad_images) are dropped."""
-  from tl_jax.data.download import ensure_hymenoptera
-  root = Path(config.data.path)
-  if not root.exists() and config.data.path == DataConfig.model_fields['path'].default:
-    root = ensure_hymenoptera(root)
-  for split in ('train', 'val'):
-    if not (root / split).is_dir():
-      raise RunError(f'--data {root}: no {split}/ folder there; pass a folder with train/ and val/ '
-                     'class sub-folders (as the tutorial\'s hymenoptera_data)')
-  train, val = ImageFolder(root / 'train'), ImageFolder(root / 'val')
-  check_same_classes(train, val)
-  skipped = 0
-  for split, folder in (('train', train), ('val', val)):
-    checked, dropped = drop_bad_images(folder, config.data.skip_bad_images, warn=lambda m: log(f'warning: {m}'),
-                                       num_threads=max(config.data.workers, 1))
-    skipped += dropped
-    if split == 'train':
-      train = checked
-    else:
-      val = checked
-  if skipped:
-    log(f'skipped {skipped} unreadable image(s)')
-  return Data(train, val, skipped)
+def load_data(config: Config, workdir: Optional[Path] = None, log: Callable[[str], None] = print) -> Data:
+  """The recipe's train and val samples (tl_jax.data.sources): a folder, a split folder, or a TFDS set."""
+  d = config.data
+  return sources.load_data(d.path, workdir=workdir, seed=config.seed, skip_bad_images=d.skip_bad_images,
+                           workers=max(d.workers, 1), train_split=d.train_split, val_split=d.val_split,
+                           tfds_data_dir=d.tfds_data_dir, tfds_download=d.tfds_download,
+                           val_fraction=d.val_fraction, log=log)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,9 +145,9 @@ def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
 def make_loaders(config: Config, data: Data, transforms: Transforms) -> tuple[Loader, Loader]:
   d = config.data
   train = Loader(data.train.samples, transforms.train, d.batch_size, shuffle=True, seed=config.seed,
-                 workers=d.workers, prefetch=d.prefetch)
+                 workers=d.workers, prefetch=d.prefetch, load=data.load)
   val = Loader(data.val.samples, transforms.val, d.eval_batch_size, shuffle=False, seed=config.seed,
-               workers=d.workers, prefetch=d.prefetch)
+               workers=d.workers, prefetch=d.prefetch, load=data.load)
   return train, val
 
 
@@ -348,8 +325,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
   run = RunDir(workdir, resume, log)
   for warning in recipe_warnings(config):
     log(f'warning: {warning}')
-  data = load_data(config, log)
-  class_names = data.train.classes
+  data = load_data(config, run.path, log)
+  class_names = data.classes
   weights = resolve_weights(config.model.weights, config.model.arch, progress=progress)
   transforms = make_transforms(config, weights.preprocessing)
   train_loader, val_loader = make_loaders(config, data, transforms)
@@ -381,7 +358,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
 
   metadata = checkpoint.make_metadata(
       config.model.arch, len(class_names), weights.preprocessing.to_dict(), class_names,
-      source=weights.source, stages=[s.name for s in config.stages], val_transforms=transforms.val.to_spec(),
+      source=weights.source, data=data.describe(), stages=[s.name for s in config.stages], val_transforms=transforms.val.to_spec(),
       config=config.to_dict())
   compiled: dict = {}
   compile_seconds: dict[str, float] = {}
@@ -413,7 +390,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                       {**metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc']})
       run.save_epoch(epoch, _state_tree(state), {'config': config.to_dict(), 'history': history,
                                                   'best_val_acc': best_val_acc, 'best_epoch': best_epoch})
-      run.write_history({'config': config.to_dict(), 'class_names': class_names,
+      run.write_history({'config': config.to_dict(), 'class_names': class_names, 'data': data.describe(),
                          'compile_seconds': compile_seconds, 'skipped_images': data.skipped,
                          'best_val_acc': best_val_acc, 'best_epoch': best_epoch, 'epochs': history})
       log('')
