@@ -187,6 +187,9 @@ def test_class_names_must_be_the_checkpoints(tmp_path, small_variables):
   report = evaluate.evaluate_checkpoint(unnamed, data, batch_size=4, workers=0, out_dir=tmp_path / 'out')
   assert report.metrics['class_names'] == ['a', 'b', 'c']
   assert any('no class names' in note for note in report.notes)
+  split_root = _folder(tmp_path / 'splits', classes=('test', 'train'))
+  with pytest.raises(evaluate.EvaluationError, match='without val/.*--data .*splits/test'):
+    evaluate.evaluate_checkpoint(ckpt, split_root, out_dir=tmp_path / 'out')
   two = _folder(tmp_path / 'two', classes=('a', 'b'))
   with pytest.raises(evaluate.EvaluationError, match='3 outputs and no class names.*2 class folders'):
     evaluate.evaluate_checkpoint(unnamed, two, out_dir=tmp_path / 'out')

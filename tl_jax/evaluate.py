@@ -280,9 +280,12 @@ def match_class_names(checkpoint_names: Optional[Sequence[str]], num_outputs: in
     only_ckpt = [c for c in expected if c not in classes]
     only_data = [c for c in classes if c not in expected]
     why = f'only in the checkpoint: {only_ckpt or "none"}; only in the folder: {only_data or "none"}'
+  splits = [c for c in classes if c in ('train', 'test', 'valid', 'validation')]
+  hint = (f' {folder.root} looks like a data set root without val/: pass its split folder, e.g. '
+          f'--data {os.path.join(folder.root, splits[0])}.' if splits else '')
   raise EvaluationError(f'the class folders of {folder.root} {classes} are not the checkpoint\'s classes '
                         f'{expected} ({checkpoint_dir}): {why}. Evaluate on a folder with the classes '
-                        f'the model was trained on.')
+                        f'the model was trained on.{hint}')
 
 
 def default_out_dir(model_dir: Path) -> Path:
