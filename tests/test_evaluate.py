@@ -64,8 +64,9 @@ def test_evaluate_script_reports_torchvisions_accuracy_loss_and_confusion(torch_
   assert report['accuracy'] == sk.accuracy_score(labels, predictions)
   np.testing.assert_array_equal(report['confusion_matrix'], sk.confusion_matrix(labels, predictions))
   precision, recall, f1, support = sk.precision_recall_fscore_support(labels, predictions, zero_division=0)
-  err = max(max(abs(report['per_class'][n]['precision'] - precision[i]), abs(report['per_class'][n]['recall'] - recall[i]),
-                abs(report['per_class'][n]['f1'] - f1[i])) for i, n in enumerate(CLASS_NAMES))
+  rows = [report['per_class'][n] for n in CLASS_NAMES]
+  err = max(max(abs(r['precision'] - precision[i]), abs(r['recall'] - recall[i]), abs(r['f1'] - f1[i]))
+            for i, r in enumerate(rows))
   assert within(err, 'metric_abs_f64', 'evaluate.py P/R/F1 vs sklearn on torchvision predictions (abs)'), err
   assert [report['per_class'][n]['support'] for n in CLASS_NAMES] == support.tolist()
   ref_loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
@@ -254,3 +255,13 @@ def test_confusion_figure_bad_input(tmp_path, counts, names, message):
   with pytest.raises(ValueError, match=message):
     plots.save_confusion_matrix(counts, names, tmp_path / 'x.png')
   assert not (tmp_path / 'x.png').exists()
+
+
+def test_text_of_many_classes_leaves_the_matrix_to_the_files():
+  names = [f'class_{i}' for i in range(31)]
+  labels = np.arange(31)
+  text = evaluate.format_report(evaluate.evaluate_arrays(labels, labels, None, names,
+                                                         info={'checkpoint': '/c', 'arch': 'resnet18',
+                                                               'checkpoint_epoch': 4}))
+  assert 'checkpoint: /c (resnet18, epoch 4)' in text
+  assert '31 classes are too many for text; see confusion.png' in text and 'rows: true class' not in text

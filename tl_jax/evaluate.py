@@ -31,6 +31,8 @@ EVALUATION_JSON = 'evaluation.json'
 CONFUSION_PNG = 'confusion.png'
 # Columns of the text report's confusion matrix show at most this many characters of a class name.
 NAME_CHARS = 12
+# Beyond this many classes the text confusion matrix is wider than a terminal; the PNG and JSON have it.
+MAX_TEXT_CLASSES = 30
 
 
 class EvaluationError(ValueError):
@@ -149,9 +151,10 @@ def format_report(report: Report) -> str:
   m, info = report.metrics, report.info
   lines = []
   if info.get('checkpoint'):
-    about = ', '.join(str(x) for x in (info.get('arch'), info.get('checkpoint_epoch') is not None
-                                       and f'epoch {info["checkpoint_epoch"]}') if x)
-    lines.append(f'checkpoint: {info["checkpoint"]}' + (f' ({about})' if about else ''))
+    about = [info['arch']] if info.get('arch') else []
+    if info.get('checkpoint_epoch') is not None:
+      about.append(f'epoch {info["checkpoint_epoch"]}')
+    lines.append(f'checkpoint: {info["checkpoint"]}' + (f' ({", ".join(about)})' if about else ''))
   if info.get('data'):
     source = f' ({info["data_source"]})' if info.get('data_source') else ''
     lines.append(f'data:       {info["data"]}{source}')
@@ -173,14 +176,18 @@ def format_report(report: Report) -> str:
   lines += [row(name, m['per_class'][name]) for name in names]
   lines += ['', row('macro avg', m['macro_avg']), row('weighted avg', m['weighted_avg']), '']
 
-  lines.append('confusion matrix (rows: true class, columns: predicted class)')
-  confusion = np.array(m['confusion_matrix'])
-  short = [_short(name, NAME_CHARS) for name in names]
-  cell = max([len(s) for s in short] + [len(str(confusion.max()))])
-  first = max(len(s) for s in short)
-  lines.append(' ' * first + ''.join(f'  {s:>{cell}}' for s in short))
-  for s, counts in zip(short, confusion):
-    lines.append(f'{s:<{first}}' + ''.join(f'  {int(c):>{cell}}' for c in counts))
+  if len(names) > MAX_TEXT_CLASSES:
+    lines.append(f'confusion matrix: {len(names)} classes are too many for text; see confusion.png '
+                 'or evaluation.json')
+  else:
+    lines.append('confusion matrix (rows: true class, columns: predicted class)')
+    confusion = np.array(m['confusion_matrix'])
+    short = [_short(name, NAME_CHARS) for name in names]
+    cell = max([len(s) for s in short] + [len(str(confusion.max()))])
+    first = max(len(s) for s in short)
+    lines.append(' ' * first + ''.join(f'  {s:>{cell}}' for s in short))
+    for s, counts in zip(short, confusion):
+      lines.append(f'{s:<{first}}' + ''.join(f'  {int(c):>{cell}}' for c in counts))
   if report.notes:
     lines.append('')
     lines += [f'note: {note}' for note in report.notes]
