@@ -19,6 +19,8 @@ TOL = {
     'train_loss_abs': 1e-5,    # per-step loss in the 5-step SGD comparison
     'train_loss_abs_f64': 1e-9,     # 5 SGD steps in float64, per-step loss
     'train_delta_rel_f64': 1e-7,    # parameter change after 5 float64 steps, relative to torch's change
+    'metric_abs_f64': 1e-12,   # precision/recall/F1/accuracy/log loss in float64 against scikit-learn
+    'eval_loss_abs': 1e-5,     # evaluate.py's mean cross-entropy against torchvision's (float32 logits)
 }
 
 

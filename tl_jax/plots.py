@@ -1,4 +1,5 @@
-"""PNG figures of a run: an augmented train batch, val predictions, loss/accuracy curves.
+"""PNG figures of a run: an augmented train batch, val predictions, loss/accuracy curves, and the
+confusion matrix of an evaluation.
 
 Figures are built from `matplotlib.figure.Figure` on an Agg canvas instead of pyplot: no
 backend is switched under a user who already has pyplot open, and no figure enters pyplot's
@@ -167,6 +168,66 @@ def save_curves(history: Sequence[dict], path: str | Path) -> Path:
     lr_ax.set_title('learning rate')
     _epoch_axis(lr_ax, epochs)
     lr_ax.grid(alpha=0.3, which='both')
+  return _save(fig, path)
+
+
+def save_confusion_matrix(confusion, class_names: Sequence[str], path: str | Path,
+                          title: str = 'confusion matrix') -> Path:
+  """Writes the confusion matrix: counts in the cells, shaded by the fraction of the true class.
+
+  Shading by row (recall) rather than by count keeps a small class's mistakes as visible as a
+  large class's; the diagonal is the per-class recall.
+
+  Args:
+    confusion: (C, C) counts, rows = true class, columns = predicted (as sklearn).
+    class_names: name per class index.
+    path: destination PNG; parent directories are created.
+    title: figure title (the accuracy and sample count are appended).
+
+  Returns:
+    `path` as a Path.
+  """
+  counts = np.asarray(confusion)
+  num_classes = len(class_names)
+  if counts.ndim != 2 or counts.shape[0] != counts.shape[1]:
+    raise ValueError(f'confusion must be a square (C, C) matrix, got shape {counts.shape}')
+  if counts.shape[0] != num_classes:
+    raise ValueError(f'confusion is {counts.shape[0]}x{counts.shape[0]} but {num_classes} class names are given')
+  if not np.issubdtype(counts.dtype, np.integer) or np.any(counts < 0):
+    raise ValueError('confusion must hold non-negative integer counts')
+  total = int(counts.sum())
+  if total == 0:
+    raise ValueError('confusion holds no samples: nothing to plot')
+  row_sums = counts.sum(axis=1, keepdims=True)
+  fractions = counts / np.maximum(row_sums, 1)
+
+  # About 0.6 inch per class, within a size a screen shows whole; cell text is dropped when
+  # the cells get too small to hold it.
+  side = float(np.clip(1.5 + 0.6 * num_classes, 4.0, 16.0))
+  cell_inches = side / (num_classes + 2)
+  fig = Figure(figsize=(side + 1.2, side), dpi=DPI, layout='constrained')
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  image = ax.imshow(fractions, cmap='Blues', vmin=0.0, vmax=1.0)
+  colorbar = fig.colorbar(image, ax=ax, shrink=0.8)
+  colorbar.set_label('fraction of the true class')
+  ticks = np.arange(num_classes)
+  labels = [textwrap.shorten(str(name), 20, placeholder='...') for name in class_names]
+  tick_size = float(np.clip(cell_inches * 30, 6, 11))
+  ax.set_xticks(ticks, labels, rotation=45 if num_classes > 3 else 0, ha='right' if num_classes > 3 else 'center',
+                fontsize=tick_size)
+  ax.set_yticks(ticks, labels, fontsize=tick_size)
+  ax.set_xlabel('predicted class')
+  ax.set_ylabel('true class')
+  if cell_inches >= 0.3:
+    text_size = float(np.clip(cell_inches * 22, 6, 14))
+    for t in range(num_classes):
+      for p in range(num_classes):
+        # White on dark cells, black on light ones.
+        color = 'white' if fractions[t, p] > 0.5 else 'black'
+        ax.text(p, t, str(int(counts[t, p])), ha='center', va='center', color=color, fontsize=text_size)
+  accuracy = np.trace(counts) / total
+  ax.set_title(f'{title}\naccuracy {accuracy:.4f} ({int(np.trace(counts))}/{total})')
   return _save(fig, path)
 
 
