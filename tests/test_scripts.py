@@ -125,13 +125,17 @@ def test_train_writes_artifacts_and_predict_loads_the_best_checkpoint(tmp_path):
   proc = run_script('train.py', '--strategy', 'frozen', '--data', data, '--weights', 'random', '--epochs', '2',
                     '--workdir', workdir, '--no-progress')
   assert 'Epoch 1/1' in proc.stdout and 'Best val Acc' in proc.stdout
-  for name in ('history.json', 'train_batch.png', 'predictions.png', 'curves.png'):
+  for name in ('history.json', 'train_batch.png', 'predictions.png', 'curves.png', 'evaluation.json', 'confusion.png'):
     assert (workdir / name).is_file(), name
   history = json.loads((workdir / 'history.json').read_text())
   assert [row['epoch'] for row in history['epochs']] == [0, 1]
   assert history['epochs'][1]['lr'] == pytest.approx(0.001)
   best = max(row['val_acc'] for row in history['epochs'])
   assert history['best_val_acc'] == best
+  # The end-of-training evaluation scores the best checkpoint: its accuracy is the best epoch's.
+  evaluation = json.loads((workdir / 'evaluation.json').read_text())
+  assert evaluation['accuracy'] == pytest.approx(best)
+  assert np.sum(evaluation['confusion_matrix']) == 4
 
   images = sorted((data / 'val').glob('*/*.jpg'))
   out = json.loads(run_script('predict.py', '--checkpoint', workdir, '--json', *images).stdout)

@@ -55,7 +55,8 @@ def run_tl_jax(config: TutorialRecipe, log: Callable[[str], None] = print) -> Fr
   with tempfile.TemporaryDirectory(prefix='tl_jax_benchmark_') as workdir:
     start = time.perf_counter()
     # No plots: plotting is not part of the tutorial's loop.
-    result = train_and_evaluate(config.to_config(), Path(workdir) / 'run', progress=False, plots=False, log=log)
+    result = train_and_evaluate(config.to_config(), Path(workdir) / 'run', progress=False, plots=False,
+                                  report=False, log=log)
     wall = time.perf_counter() - start
   return FrameworkRun('tl_jax', [dict(row) for row in result.history], dict(result.compile_seconds),
                       float(result.best_val_acc), int(result.best_epoch), wall)

@@ -306,7 +306,7 @@ def _add_seconds(total: dict[str, float], more: Mapping[str, float]) -> None:
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
-                       progress: bool = True, plots: bool = True,
+                       progress: bool = True, plots: bool = True, report: bool = True,
                        log: Callable[[str], None] = print) -> TrainResult:
   """Trains `config`'s stages one after the other; writes checkpoints, history.json and plots to `workdir`.
 
@@ -320,6 +320,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     resume: continue from the latest finished epoch in `workdir`, with its optimizer state.
     progress: show progress bars.
     plots: write train_batch.png, predictions.png and curves.png.
+    report: evaluate the best checkpoint on the val data at the end (evaluation.json, confusion.png,
+      as scripts/evaluate.py).
     log: receives the printed lines.
   """
   run = RunDir(workdir, resume, log)
@@ -416,5 +418,13 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     plot_lib.save_predictions(batch.images[:shown], predictions[:shown], batch.labels[:shown], class_names,
                               transforms.val.mean, transforms.val.std, run.path / 'predictions.png', num_images=shown)
     plot_lib.save_curves(history, run.path / 'curves.png')
+  if report:
+    from tl_jax import evaluate
+    evaluation = evaluate.evaluate_model(
+        model, {'params': state.params, 'batch_stats': state.batch_stats}, val_loader, class_names,
+        out_dir=run.path, info={'checkpoint': str(checkpoint.resolve_model_dir(run.path)), 'arch': config.model.arch,
+                                'checkpoint_epoch': best_epoch, 'data': data.describe()})
+    log(f'best checkpoint (epoch {best_epoch}) on the val data: accuracy {evaluation.accuracy:.4f}; '
+        f'wrote evaluation.json and confusion.png')
   run.close()
   return TrainResult(history, best_val_acc, best_epoch, compile_seconds, state, class_names, run.path)
