@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import data_root, within
+from helpers import data_root, require_data, within
 from tl_jax.data import augment as A
 from tl_jax.data import transforms as T
+from tl_jax.data.folder import ImageFolder
+from tl_jax.data.loader import Loader
 from tl_jax.weights import Preprocessing
 
 # The material's augmentation list and its val list.
@@ -271,6 +273,19 @@ def test_sample_then_apply_is_call_and_reproducible():
   assert pipeline.sample(np.random.default_rng([0, 1, 3]), img.width, img.height) != draws[0]
   with pytest.raises(ValueError, match='needs a numpy Generator'):
     pipeline(img, None)
+
+
+def test_loader_batches_through_pipelines():
+  samples = ImageFolder(require_data() / 'val').samples[::40]
+  train = Loader(samples, A.build_pipeline(FULL_TRAIN), 4, shuffle=True, seed=3, workers=2)
+  first = [batch.images for batch in train.epoch(1)]
+  again = [batch.images for batch in train.epoch(1)]
+  assert first[0].shape == (4, 192, 192, 3)
+  for a, b in zip(first, again, strict=True):  # the same draws whatever the thread timing
+    np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(first[0], next(iter(train.epoch(2))).images)
+  val = Loader(samples, A.build_pipeline(FULL_VAL, where='data.val_transforms'), 4, shuffle=False, workers=0)
+  assert next(iter(val.epoch(0))).images.shape == (4, 96, 96, 3)
 
 
 def test_apply_uint8_then_finish_equals_apply():
