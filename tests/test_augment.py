@@ -481,6 +481,7 @@ BAD_SPECS = [
      ['[1]', 'Resize', 'after ToTensor', '[0]']),
     (TAIL + [{'Normalize': {'mean': 0.5, 'std': 0.5}}], ['[2]', 'second Normalize']),
     ([{'ToTensor': {}}, {'Normalize': {'mean': [0.5], 'std': [0.0]}}], ['[1].Normalize.std', 'zero']),
+    ([{'ToTensor': {}}, {'Normalize': {'mean': [0.5, 0.5], 'std': [0.2, 0.2, 0.2]}}], ['[1].Normalize.std', 'as many']),
     ('Resize', ['expected a list']),
 ]
 
@@ -512,3 +513,8 @@ def test_transforms_table_lists_every_op():
   assert set(A.TRANSFORMS) == {
       'Resize', 'CenterCrop', 'RandomCrop', 'RandomResizedCrop', 'RandomHorizontalFlip', 'RandomVerticalFlip',
       'RandomRotation', 'ColorJitter', 'RandomGrayscale', 'Grayscale', 'GaussianBlur', 'ToTensor', 'Normalize'}
+
+
+def test_importable_from_transforms_module():
+  from tl_jax.data.transforms import TransformSpecError, build_pipeline
+  assert build_pipeline is A.build_pipeline and TransformSpecError is A.TransformSpecError

@@ -420,6 +420,9 @@ class Normalize(Op):
   inplace: StrictBool = False  # no effect: arrays are never shared
 
   def check(self):
+    lengths = {np.size(self.mean), np.size(self.std)} - {1}
+    if len(lengths) > 1:
+      raise _BadArg('std', self.std, f'needs as many values as mean {self.mean} (or one)')
     if np.any(np.asarray(self.std, np.float32) == 0):
       raise _BadArg('std', self.std, 'a zero std divides by zero')
 
