@@ -450,6 +450,7 @@ BAD_ARGS = [
 ]
 
 
+@pytest.mark.filterwarnings('ignore:Scale and ratio should be:UserWarning')
 @pytest.mark.parametrize('entry,torchvision_refuses,words', BAD_ARGS,
                          ids=[f'{next(iter(e))}-{i}' for i, (e, _, _) in enumerate(BAD_ARGS)])
 def test_bad_arguments_name_key_value_and_rule(torch, tvt, entry, torchvision_refuses, words):
