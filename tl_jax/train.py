@@ -300,6 +300,15 @@ def _state_tree(state: TrainState) -> dict:
           'step': state.step}
 
 
+def _val_label(source: Mapping[str, Any]) -> str:
+  """Where the val samples come from, in a few words: a folder, a TFDS split, or a split folder's share."""
+  if source['kind'] == 'tfds':
+    return f"tfds:{source.get('name')} {source['splits']['val']}"
+  if source['kind'] == 'folder':
+    return str(Path(source['path']) / 'val')
+  return f"{source['path']} (val split)"
+
+
 def _add_seconds(total: dict[str, float], more: Mapping[str, float]) -> None:
   for k, v in more.items():
     total[k] = total.get(k, 0.0) + v
@@ -423,7 +432,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     evaluation = evaluate.evaluate_model(
         model, {'params': state.params, 'batch_stats': state.batch_stats}, val_loader, class_names,
         out_dir=run.path, info={'checkpoint': str(checkpoint.resolve_model_dir(run.path)), 'arch': config.model.arch,
-                                'checkpoint_epoch': best_epoch, 'data': data.describe()})
+                                'checkpoint_epoch': best_epoch, 'data': _val_label(data.describe()),
+                                'source': data.describe()})
     log(f'best checkpoint (epoch {best_epoch}) on the val data: accuracy {evaluation.accuracy:.4f}; '
         f'wrote evaluation.json and confusion.png')
   run.close()
