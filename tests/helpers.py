@@ -19,6 +19,9 @@ TOL = {
     'train_loss_abs': 1e-5,    # per-step loss in the 5-step SGD comparison
     'train_loss_abs_f64': 1e-9,     # 5 SGD steps in float64, per-step loss
     'train_delta_rel_f64': 1e-7,    # parameter change after 5 float64 steps, relative to torch's change
+    'lr_rel_f64': 1e-12,       # lr of an epoch against torch's scheduler, float64
+    'lr_rel_f32': 1e-5,        # the same in float32, the trainer's (0.9 ** 159 in float32: ~1e-6)
+    'optim_rel_f64': 1e-12,    # parameter change after each of 12 optimizer steps on one tensor, float64
 }
 
 
