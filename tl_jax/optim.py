@@ -13,6 +13,7 @@ transforms in torch's order, with a lr from a torch scheduler stepped once per e
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
@@ -112,7 +113,7 @@ def _with_defaults(kind: str, spec: Mapping, table: Mapping[str, Mapping[str, An
   if not isinstance(spec, Mapping) or 'name' not in spec:
     raise OptimError(f'{kind}: expected a mapping with a \'name\' (one of {sorted(table)}), got {spec!r}')
   name = spec['name']
-  if name not in table:
+  if not isinstance(name, str) or name not in table:
     raise OptimError(f'unknown {kind} {name!r}; choose one of {sorted(table)}')
   allowed = table[name]
   unknown = sorted(set(spec) - set(allowed) - {'name'})
@@ -125,7 +126,7 @@ def _with_defaults(kind: str, spec: Mapping, table: Mapping[str, Mapping[str, An
 
 
 def _number(kind: str, key: str, value, *, integer: bool = False):
-  ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+  ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
   if not ok:
     raise OptimError(f'{kind}: {key} must be {"an integer" if integer else "a number"}, got {value!r}')
   return value
@@ -367,8 +368,8 @@ def scale_by_torch_amsgrad(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _l2(weight_decay: float) -> optax.GradientTransformation:
-  """torch's (coupled) weight_decay: g + wd * p, before momentum or Adam's moments."""
+def _decayed_weights(weight_decay: float) -> optax.GradientTransformation:
+  """u + wd * p (torch skips the term when wd is 0, so do we)."""
   return optax.add_decayed_weights(weight_decay) if weight_decay else optax.identity()
 
 
@@ -381,7 +382,8 @@ def _sgd(schedule, momentum, dampening, weight_decay, nesterov) -> optax.Gradien
     buffer = optax.trace(decay=momentum, nesterov=nesterov)
   else:
     buffer = dampened_trace(momentum, dampening)
-  return optax.chain(_l2(weight_decay), buffer, optax.scale_by_learning_rate(schedule))
+  # torch's weight_decay joins the gradient before the momentum buffer.
+  return optax.chain(_decayed_weights(weight_decay), buffer, optax.scale_by_learning_rate(schedule))
 
 
 def _adam(schedule, betas, eps, weight_decay, amsgrad, decoupled) -> optax.GradientTransformation:
@@ -390,8 +392,9 @@ def _adam(schedule, betas, eps, weight_decay, amsgrad, decoupled) -> optax.Gradi
   if decoupled:
     # AdamW: torch multiplies p by (1 - lr * wd) besides the Adam step; -lr * (adam + wd * p) is the
     # same change, and wd never enters the moments (optax.adamw's order).
-    return optax.chain(scale, optax.add_decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule))
-  return optax.chain(_l2(weight_decay), scale, optax.scale_by_learning_rate(schedule))
+    return optax.chain(scale, _decayed_weights(weight_decay), optax.scale_by_learning_rate(schedule))
+  # Adam's weight_decay joins the gradient before the moments (L2, coupled).
+  return optax.chain(_decayed_weights(weight_decay), scale, optax.scale_by_learning_rate(schedule))
 
 
 def torch_optimizer(optimizer: Mapping, schedule: optax.ScalarOrSchedule) -> optax.GradientTransformation:
