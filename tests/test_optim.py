@@ -256,8 +256,8 @@ def _run_both(spec, tx_of_schedule):
 @pytest.mark.parametrize('case', list(OPTIMIZERS))
 def test_optimizer_matches_torch_step_by_step_in_float64(case):
   spec = OPTIMIZERS[case]
-  err = _run_both(spec, lambda schedule: optim.make_optimizer({'fc': dict.fromkeys(('kernel', 'bias'))}, 'finetune', spec,
-                                                         schedule))
+  params_like = {'fc': dict.fromkeys(('kernel', 'bias'))}
+  err = _run_both(spec, lambda schedule: optim.make_optimizer(params_like, 'finetune', spec, schedule))
   assert within(err, 'optim_rel_f64', f'{STEPS} optimizer steps float64, one tensor: {case}'), err
 
 
