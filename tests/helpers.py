@@ -24,6 +24,9 @@ TOL = {
     'train_delta_rel_f64': 1e-7,    # parameter change after 5 float64 steps, relative to torch's change
     'metric_abs_f64': 1e-12,   # precision/recall/F1/accuracy/log loss in float64 against scikit-learn
     'eval_loss_abs': 1e-5,     # evaluate.py's mean cross-entropy against torchvision's (float32 logits)
+    'lr_rel_f64': 1e-12,       # lr of an epoch against torch's scheduler, float64
+    'lr_rel_f32': 1e-5,        # the same in float32, the trainer's (0.9 ** 159 in float32: ~1e-6)
+    'optim_rel_f64': 1e-12,    # parameter change after each of 12 optimizer steps on one tensor, float64
 }
 
 

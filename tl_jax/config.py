@@ -164,7 +164,10 @@ TUTORIAL_SGD = {'name': 'sgd', 'lr': 0.001, 'momentum': 0.9}
 
 
 class _Schedule(_Strict):
-  warmup_epochs: Annotated[int, Field(ge=0)] = 0   # linear warm-up before the schedule (see optim)
+  # Linear warm-up: torch's SequentialLR([LinearLR(warmup_start_factor, total_iters=warmup_epochs),
+  # schedule], milestones=[warmup_epochs]); the schedule's own epochs count from its end.
+  warmup_epochs: Annotated[int, Field(ge=0)] = 0
+  warmup_start_factor: Optional[Annotated[Float, Field(gt=0, le=1)]] = None   # None: 1 / (warmup_epochs + 1)
 
 
 class StepSchedule(_Schedule):
@@ -250,7 +253,14 @@ class Config(_Strict):
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
       raise ValueError(f'stages: every stage needs its own name; repeated {duplicates}')
+    from tl_jax import optim
     for i, stage in enumerate(self.stages):
+      # The optimizer's own checks (torch's rules), e.g. a warm-up longer than the stage.
+      try:
+        optim.resolve_optimizer(stage.optimizer.model_dump())
+        optim.resolve_schedule(stage.schedule.model_dump(), stage.epochs)
+      except ValueError as e:
+        raise ValueError(f'stages[{i}]: {e}') from None
       if stage.trainable != 'all':
         unknown = [s for s in stage.trainable if s not in known]
         if unknown:
