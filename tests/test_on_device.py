@@ -52,3 +52,22 @@ def test_bad_input():
     normalize_uint8(jnp.zeros((1, 2, 2, 3), jnp.float32), IMAGENET_MEAN, IMAGENET_STD)
   with pytest.raises(ValueError, match='mean has 2 values but the image has 3 channels'):
     normalize_uint8(jnp.zeros((1, 2, 2, 3), jnp.uint8), (0.5, 0.5), IMAGENET_STD)
+
+
+def test_normalizing_step_feeds_the_step_normalised_images():
+  from tl_jax.data.on_device import normalizing_step
+  images = _images_bhwc(batch=2)
+  seen = {}
+
+  def step(state, batch, *, scale):
+    seen['dtype'] = batch['images'].dtype
+    return state + scale * batch['images'].sum(), batch['labels']
+
+  wrapped = jax.jit(normalizing_step(step, IMAGENET_MEAN, IMAGENET_STD), static_argnames='scale')
+  total, labels = wrapped(0.0, {'images': images, 'labels': np.arange(2)}, scale=2.0)
+  host = np.stack([to_normalized_array(Image.fromarray(im)) for im in images])
+  assert seen['dtype'] == jnp.float32
+  np.testing.assert_allclose(total, 2.0 * host.sum(dtype=np.float64), rtol=1e-5)
+  assert np.array_equal(labels, [0, 1])
+  already = wrapped(0.0, {'images': host, 'labels': np.arange(2)}, scale=1.0)[0]
+  np.testing.assert_allclose(already, host.sum(dtype=np.float64), rtol=1e-5)

@@ -3,7 +3,8 @@ are normalised there, to exactly the float32 values the host transforms produce.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,3 +31,20 @@ def normalize_uint8(images_bhwc: jax.Array, mean: Sequence[float], std: Sequence
   num_channels = images_bhwc.shape[-1]
   table = jnp.asarray(uint8_table(mean, std, num_channels).T.reshape(-1))  # channel-major
   return jnp.take(table, images_bhwc.astype(jnp.int32) + 256 * jnp.arange(num_channels, dtype=jnp.int32))
+
+
+def normalizing_step(step: Callable, mean: Sequence[float], std: Sequence[float]) -> Callable:
+  """`step(state, batch, **kw)` that accepts uint8 'images' and normalises them first, on the device.
+
+  Float images pass through unchanged, so one step serves both kinds of loader. Wrap before jit:
+  `jax.jit(functools.partial(normalizing_step(train_step, mean, std), model=..., ...))`.
+  """
+
+  @functools.wraps(step)
+  def wrapped(state, batch, **kwargs):
+    images = batch['images']
+    if images.dtype == jnp.uint8:
+      batch = {**batch, 'images': normalize_uint8(images, mean, std)}
+    return step(state, batch, **kwargs)
+
+  return wrapped
