@@ -28,14 +28,15 @@ def main() -> int:
   parser.add_argument('--steps', type=int, default=None, help='steps per timed round (default 50; 3 on CPU)')
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--devices', default='all', help="comma-separated device counts to compare, or 'all'")
-  parser.add_argument('--cpu-devices', type=int, default=None, help='force this many CPU devices (set before JAX starts)')
+  parser.add_argument('--cpu-devices', type=int, default=None,
+                      help='force this many CPU devices (set before JAX starts)')
   parser.add_argument('--json', default=None)
   args = parser.parse_args()
 
   import jax
   if args.cpu_devices:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  from tl_jax import cli, parallel  # noqa: F401
+  from tl_jax import parallel
   on_cpu = jax.devices()[0].platform == 'cpu'
   batch = args.batch_size or (8 if on_cpu else 256)
   size = args.image_size or (64 if on_cpu else 224)
