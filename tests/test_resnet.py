@@ -7,7 +7,7 @@ import pytest
 
 from helpers import TOL, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy, within
 from tl_jax.convert import flax_to_torch, name_table, torch_to_flax
-from tl_jax.models import create_model
+from tl_jax.models import create_model, init_variables
 
 torch = pytest.importorskip('torch')
 
@@ -178,3 +178,51 @@ def test_cross_entropy_gradients_match_torch_in_float64(arch):
   grads_torch_layout = flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
   worst = max(rel_err(grads_torch_layout[k], grads_ref[k]) for k in grads_ref)
   assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), worst
+
+
+def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
+  """dtype=bfloat16: convs and fc in bf16; params, BN statistics and logits stay float32, near f32's."""
+  tmodel, model, variables = _pair('resnet18')
+  tmodel.eval()
+  x = nchw_to_nhwc(_images(4, 64))
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(np.transpose(x, (0, 3, 1, 2)))).numpy()
+  bf16 = create_model('resnet18', NUM_CLASSES, dtype=jnp.bfloat16)
+  logits = bf16.apply(variables, jnp.asarray(x), train=False)
+  assert logits.dtype == jnp.float32
+  assert within(rel_err(logits, ref), 'bf16_logits_rel', 'bf16 eval logits vs torch float32 (rel)')
+  assert rel_err(logits, model.apply(variables, jnp.asarray(x), train=False)) <= TOL['bf16_logits_rel']
+  # bf16 really computes in bf16 (else the test above would prove nothing).
+  assert rel_err(logits, ref) > 1e-5
+
+  fresh = jax.eval_shape(lambda: bf16.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(fresh)} == {jnp.dtype(jnp.float32)}
+  _, updates = bf16.apply(variables, jnp.asarray(x), train=True, mutable=['batch_stats'])
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(updates)} == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_training_lowers_the_loss():
+  import functools
+
+  import optax
+
+  from tl_jax import optim
+  from tl_jax.train import TrainState, train_step
+  model = create_model('resnet18', 2, dtype=jnp.bfloat16)
+  variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
+  tx = optim.make_optimizer(variables['params'], 'finetune', optax.constant_schedule(0.01))
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                            batch_stats=variables['batch_stats'])
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 2, 8).astype(np.int32)
+  # Learnable: the class shifts the images' mean.
+  images = rng.standard_normal((8, 32, 32, 3)).astype(np.float32) + labels[:, None, None, None]
+  batch = {'images': images, 'labels': labels, 'mask': np.ones(8, bool)}
+  trainable = optim.trainable_mask(state.params, 'finetune')
+  step = jax.jit(functools.partial(train_step, model=model, trainable=trainable, bn_train=True))
+  losses = []
+  for _ in range(8):
+    state, sums = step(state, batch)
+    losses.append(float(sums['loss_sum'] / sums['count']))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}

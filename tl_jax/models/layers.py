@@ -36,6 +36,9 @@ class BatchNorm(nn.Module):
       mask_b: optional bool/0-1 weights per sample; padded rows (0) do not enter the batch
         statistics, so a padded batch normalises exactly as torch does the smaller batch.
     """
+    # Statistics and normalisation in float32 at least (bf16 activations would lose the mean).
+    in_dtype = x_bhwc.dtype
+    x_bhwc = x_bhwc.astype(jnp.promote_types(in_dtype, jnp.float32))
     num_channels = x_bhwc.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (num_channels,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (num_channels,), jnp.float32)
@@ -63,4 +66,4 @@ class BatchNorm(nn.Module):
       mean, var = running_mean.value, running_var.value
 
     inv_std = jax.lax.rsqrt(var + self.epsilon)
-    return (x_bhwc - mean) * (inv_std * scale) + bias
+    return ((x_bhwc - mean) * (inv_std * scale) + bias).astype(in_dtype)

@@ -22,10 +22,11 @@ from tl_jax.models.layers import BatchNorm
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
+          dtype: Any = None) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
-                 kernel_init=_conv_init, name=name)
+                 kernel_init=_conv_init, name=name, dtype=dtype)
 
 
 def torch_linear_init(fan_in: int):
@@ -38,20 +39,25 @@ def torch_linear_init(fan_in: int):
   return init
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs; torchvision's BasicBlock (expansion 1)."""
   planes: int
   stride: int = 1
   downsample: bool = False
+  dtype: Any = None
   expansion = 1
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 3, self.stride, 1)
+    self.conv1 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, 1, 1)
+    self.conv2 = _conv(self.planes, 3, 1, 1, dtype=self.dtype)
     self.bn2 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes, 1, self.stride, 0)
+      self.downsample_conv = _conv(self.planes, 1, self.stride, 0, dtype=self.dtype)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -66,17 +72,18 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
+  dtype: Any = None
   expansion = 4
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 1)
+    self.conv1 = _conv(self.planes, 1, dtype=self.dtype)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, self.stride, 1)
+    self.conv2 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype)
     self.bn2 = BatchNorm()
-    self.conv3 = _conv(self.planes * 4, 1)
+    self.conv3 = _conv(self.planes * 4, 1, dtype=self.dtype)
     self.bn3 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0)
+      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0, dtype=self.dtype)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -119,10 +126,13 @@ class ResNet(nn.Module):
   """
   arch: str = 'resnet18'
   num_classes: int = 1000
+  # Compute dtype of convs and the fc (e.g. jnp.bfloat16); params, BatchNorm statistics and the
+  # logits stay float32. None: the dtype of the inputs and params (float32, or float64 in tests).
+  dtype: Any = None
 
   def setup(self):
     spec = ARCHS[self.arch]
-    self.conv1 = _conv(64, 7, 2, 3)
+    self.conv1 = _conv(64, 7, 2, 3, dtype=self.dtype)
     self.bn1 = BatchNorm()
     in_planes = 64
     for stage, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), spec.stage_sizes), start=1):
@@ -130,11 +140,11 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         stride = 2 if (stage > 1 and index == 0) else 1
         needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
-        blocks.append(spec.block_cls(planes, stride, needs_downsample, name=f'layer{stage}_{index}'))
+        blocks.append(spec.block_cls(planes, stride, needs_downsample, self.dtype, name=f'layer{stage}_{index}'))
         in_planes = planes * spec.block_cls.expansion
       setattr(self, f'layer{stage}', blocks)
     self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
-                       bias_init=torch_linear_init(spec.num_features), name='fc')
+                       bias_init=torch_linear_init(spec.num_features), dtype=self.dtype, name='fc')
 
   def features(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
                return_stages: bool = False) -> Any:
@@ -150,23 +160,24 @@ class ResNet(nn.Module):
       for block in getattr(self, f'layer{stage}'):
         x = block(x, train, mask_b)
       stages[f'layer{stage}'] = x
-    pooled = jnp.mean(x, axis=(1, 2))
+    pooled = jnp.mean(_at_least_f32(x), axis=(1, 2))
     return (pooled, stages) if return_stages else pooled
 
   def head(self, features_bd: jax.Array) -> jax.Array:
-    return self.fc(features_bd)
+    # The loss is computed from float32 logits whatever the compute dtype.
+    return _at_least_f32(self.fc(features_bd))
 
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
     return self.head(self.features(x_bhwc, train, mask_b))
 
 
-def create_model(arch: str, num_classes: int) -> ResNet:
-  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`."""
+def create_model(arch: str, num_classes: int, dtype: Any = None) -> ResNet:
+  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype` (None: float32)."""
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return ResNet(arch=arch, num_classes=num_classes)
+  return ResNet(arch=arch, num_classes=num_classes, dtype=dtype)
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:
