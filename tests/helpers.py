@@ -27,6 +27,7 @@ TOL = {
     'lr_rel_f64': 1e-12,       # lr of an epoch against torch's scheduler, float64
     'lr_rel_f32': 1e-5,        # the same in float32, the trainer's (0.9 ** 159 in float32: ~1e-6)
     'optim_rel_f64': 1e-12,    # parameter change after each of 12 optimizer steps on one tensor, float64
+    'parallel_epoch_rel_f32': 1e-5,  # a float32 training epoch on N devices vs 1 (the bound)
     'bf16_logits_rel': 2e-2,        # eval logits with bfloat16 convs/matmuls vs float32
     'parallel_abs_f64': 1e-12,      # 4 devices / 2 processes vs 1 device, float64: losses, params, BN stats
     'parallel_rel_f64': 1e-12,      # the same for eval sums (relative: a loss sum is ~20)

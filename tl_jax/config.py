@@ -89,6 +89,8 @@ class DataConfig(_Strict):
   tfds_download: bool = False
   val_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2   # single-folder data: seeded stratified split
   cache_decoded: Union[bool, Literal['auto']] = 'auto'
+  # uint8 batches, normalised on the device: 4x fewer bytes to move; auto = on an accelerator.
+  uint8_batches: Union[bool, Literal['auto']] = 'auto'
   workers: Annotated[int, Field(ge=0)] = 2     # decode/augment threads
   prefetch: PositiveInt = 4                    # batches prepared ahead of the step
   skip_bad_images: bool = False
@@ -292,7 +294,8 @@ class Config(_Strict):
 
 
 # The keys of a run that may change on --resume: how the data is fed, not what is computed.
-RUNTIME_KEYS = ('data.workers', 'data.prefetch', 'data.tfds_download', 'data.cache_decoded', 'data.tfds_data_dir')
+RUNTIME_KEYS = ('data.workers', 'data.prefetch', 'data.tfds_download', 'data.cache_decoded', 'data.tfds_data_dir',
+                'data.uint8_batches', 'data.eval_batch_size')
 
 
 # ------------------------------------------------------------------------------- loading
@@ -448,7 +451,7 @@ STAGE_FLAGS = ('epochs', 'lr', 'bn')
 SECTION_FLAGS = {'arch': 'model', 'weights': 'model', 'dtype': 'model',
                  'data': 'data', 'batch_size': 'data', 'eval_batch_size': 'data', 'workers': 'data',
                  'skip_bad_images': 'data', 'tfds_data_dir': 'data', 'tfds_download': 'data',
-                 'cache_decoded': 'data', 'seed': None}
+                 'cache_decoded': 'data', 'uint8_batches': 'data', 'seed': None}
 
 
 def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
