@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from tl_jax.models import ARCHS, resnet, vgg
+from tl_jax.models import ARCHS, resnet, stage_of, vgg
 
 
 class ConversionError(ValueError):
@@ -59,10 +59,18 @@ def _bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
   ]
 
 
-def name_table(arch: str, include_head: bool = True) -> list[Entry]:
-  """Every tensor of torchvision's `arch` with where it lives in the Flax variables."""
+def name_table(arch: str, include_head: bool = True, base_only: bool = False) -> list[Entry]:
+  """Every tensor of torchvision's `arch` with where it lives in the Flax variables.
+
+  Args:
+    include_head: with the last layer (`fc`, VGG's `classifier.6`).
+    base_only: only the convolutional base (`tl_jax.models.Backbone`): ResNet without `fc`,
+      VGG's `features` without any `classifier` layer.
+  """
   if arch not in ARCHS:
     raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
+  if base_only:
+    return [e for e in name_table(arch, include_head=False) if stage_of(e.path[0]) not in ('classifier', 'head')]
   if arch in vgg.ARCHS:
     return _vgg_table(arch, include_head)
   spec = resnet.ARCHS[arch]
@@ -139,7 +147,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
-                  reference: Optional[Mapping] = None, include_head: bool = True) -> dict:
+                  reference: Optional[Mapping] = None, include_head: bool = True,
+                  base_only: bool = False) -> dict:
   """torchvision `state_dict` (NumPy values) -> {'params', 'batch_stats'}.
 
   Args:
@@ -147,12 +156,15 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
     arch: torchvision architecture name, e.g. 'resnet18'.
     reference: optional Flax variables of the target model; every shape is checked against
       them (catches a state dict of another arch or class count).
-    include_head: convert `fc` too. With False, `fc.*` is ignored (a head is made afresh).
+    include_head: convert the last layer (`fc`, VGG's `classifier.6`) too. With False it is
+      ignored (a head is made afresh).
+    base_only: convert only the convolutional base (for `tl_jax.models.Backbone`); the rest of
+      the classifier is ignored.
 
   Raises:
     ConversionError listing every missing, unexpected and mis-shaped name.
   """
-  table = name_table(arch, include_head)
+  table = name_table(arch, include_head, base_only)
   known = {e.torch_name for e in name_table(arch, include_head=True)}
   missing = [e.torch_name for e in table if e.torch_name not in state_dict]
   unexpected = sorted(k for k in state_dict

@@ -3,7 +3,7 @@
 The material builds regressors from `nn.Sequential(*list(resnet.children())[:-1])` with its own
 `Linear(in_features, 1)` heads. `Backbone(arch)` is that base (ResNet: everything but `fc`;
 VGG: `features` + avgpool, flattened) with the parameter names of the full model, so
-`tl_jax.convert.torch_to_flax(..., include_head=False)` loads straight into it;
+`tl_jax.convert.torch_to_flax(..., base_only=True)` loads straight into it;
 `TransferModel(arch, head)` puts any Flax module on top. The head may return an array, a
 tuple or a dict.
 """
@@ -73,7 +73,7 @@ class TransferModel(nn.Module):
 def init_transfer_variables(model: TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,
                             image_size: int = 32) -> dict:
   """{'params', 'batch_stats'} of `model`: the backbone from `state_dict` (torchvision names, NumPy
-  values; its classifier head is ignored) or random, and the head fresh from its own init.
+  values; its classifier layers are ignored) or random, and the head fresh from its own init.
 
   Raises:
     tl_jax.convert.ConversionError when `state_dict` does not fit `model.arch`'s base.
@@ -85,7 +85,7 @@ def init_transfer_variables(model: TransferModel, rng: jax.Array, state_dict: Op
   batch_stats = dict(fresh.get('batch_stats', {}))
   if state_dict is not None:
     reference = {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
-    loaded = convert.torch_to_flax(state_dict, model.arch, reference=reference, include_head=False)
+    loaded = convert.torch_to_flax(state_dict, model.arch, reference=reference, base_only=True)
     params['backbone'] = loaded['params']
     if loaded['batch_stats']:
       batch_stats['backbone'] = loaded['batch_stats']
