@@ -194,16 +194,19 @@ def test_five_sgd_steps_match_pytorch_in_float64(strategy):
     final = flax_to_torch(jax.device_get({'params': state.params, 'batch_stats': state.batch_stats}), arch)
   assert within(max(abs(a - b) for a, b in zip(losses, torch_losses)), 'train_loss_abs_f64',
                 f'5 float64 SGD steps {arch} {strategy}: loss (abs)')
+  deltas = {name: final[name] - initial[name] for name in ref_names(arch)}
+  deltas_ref = {name: final_ref[name] - initial[name] for name in ref_names(arch)}
+  param_names = [n for n in ref_names(arch) if not n.endswith(('running_mean', 'running_var'))]
   worst, changed = 0.0, 0
   for name in ref_names(arch):
-    delta_ref = final_ref[name] - initial[name]
-    if not np.any(delta_ref):
-      assert not np.any(final[name] - initial[name]), f'{name} moved but torch kept it'
+    if not np.any(deltas_ref[name]):
+      assert not np.any(deltas[name]), f'{name} moved but torch kept it'
       continue
-    changed += 1
-    worst = max(worst, rel_err(final[name] - initial[name], delta_ref))
+    changed += name in param_names
+    # Running stats move in both strategies (train-mode BN); conv biases feeding a BN only by rounding noise.
+    worst = max(worst, _grad_err(deltas, deltas_ref, name))
   assert within(worst, 'train_delta_rel_f64', f'5 float64 SGD steps {arch} {strategy}: param change (rel)')
-  assert changed == (2 if strategy == 'frozen' else len(ref_names(arch)))
+  assert changed == (2 if strategy == 'frozen' else len(param_names))
 
 
 def test_dropout_keeps_half_scales_by_two_and_is_off_in_eval():
