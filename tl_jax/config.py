@@ -249,8 +249,8 @@ class Config(_Strict):
 
   @pydantic.model_validator(mode='after')
   def _stages_fit_the_arch(self):
-    from tl_jax.models import arch_stages
-    known = arch_stages(self.model.arch)
+    from tl_jax.models import FEATURES, arch_stages
+    known = arch_stages(self.model.arch) + (FEATURES,)
     names = [s.name for s in self.stages]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -267,7 +267,8 @@ class Config(_Strict):
         unknown = [s for s in stage.trainable if s not in known]
         if unknown:
           raise ValueError(f'stages[{i}].trainable: {self.model.arch} has no stage {", ".join(map(repr, unknown))}; '
-                           f'its stages are {", ".join(known)} (or all)')
+                           f'its stages are {", ".join(known[:-1])} ({FEATURES}: all before the head'
+                           f'{" and classifier" if "classifier" in known else ""}; or all)')
     return self
 
   # -- derived values

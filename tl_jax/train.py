@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +22,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from tl_jax import checkpoint, optim, parallel
+from tl_jax import checkpoint, losses, optim, parallel
 from tl_jax.config import Config, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data import on_device, sources
@@ -34,6 +35,8 @@ from tl_jax.weights import Preprocessing, resolve_weights
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # Base key for dropout; the step's key is fold_in(rng, step), so a resumed run draws the same masks.
+  rng: Any = None
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -41,55 +44,93 @@ class TrainState(train_state.TrainState):
 
 def _masked_sums(logits, labels, mask):
   """Sums over valid rows; the host divides (a padded row adds nothing)."""
-  weights = mask.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return {'loss_sum': jnp.sum(ce * weights), 'correct': jnp.sum(correct * weights),
-          'count': jnp.sum(weights)}
+  return losses.cross_entropy(logits, {'labels': labels, 'mask': mask})
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: ResNet,
-               trainable: Mapping[str, bool], bn_train: bool) -> tuple[TrainState, dict]:
-  """One SGD step on the mean cross-entropy of the valid rows of `batch`.
+def _split(tree: Mapping, trainable) -> tuple[Optional[dict], Optional[dict]]:
+  """(learned, fixed) parts of `tree` by `trainable`, a bool or a prefix tree of bools."""
+  if isinstance(trainable, bool):
+    return (dict(tree), None) if trainable else (None, dict(tree))
+  learned, fixed = {}, {}
+  for key, sub in tree.items():
+    mask = trainable[key]
+    if isinstance(mask, bool) or not isinstance(sub, Mapping):
+      (learned if mask else fixed)[key] = sub
+      continue
+    sub_learned, sub_fixed = _split(sub, mask)
+    if sub_learned:
+      learned[key] = sub_learned
+    if sub_fixed:
+      fixed[key] = sub_fixed
+  return learned, fixed
+
+
+def _merge(a: Optional[Mapping], b: Optional[Mapping]) -> dict:
+  if not a or not b:
+    return dict(a or b or {})
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge(out[key], value) if key in out and isinstance(value, Mapping) else value
+  return out
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+  """This step's dropout key. A state without `rng` uses PRNGKey(0), so ResNet states built
+  before the field existed still run (ResNets draw nothing)."""
+  base = state.rng if state.rng is not None else jax.random.PRNGKey(0)
+  return jax.random.fold_in(base, state.step)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+               trainable: Mapping[str, Any], bn_train: bool,
+               loss: losses.Loss = losses.cross_entropy) -> tuple[TrainState, dict]:
+  """One optimizer step on the mean loss of the valid rows of `batch`.
 
   Args:
-    state: params, batch_stats and optimizer state.
-    batch: 'images' (B, H, W, 3), 'labels' (B,), 'mask' (B,) with False on padding rows.
-    model: the ResNet.
-    trainable: top-level module -> learns. Only those are differentiated, so no backward pass
-      runs through a frozen backbone (the optimizer's `set_to_zero` keeps them unchanged).
+    state: params, batch_stats ({} for models without BatchNorm), optimizer state, dropout rng.
+    batch: 'images' (B, H, W, 3), 'mask' (B,) with False on padding rows, and what `loss`
+      reads ('labels' (B,) for cross-entropy, 'targets' for regression).
+    model: a ResNet, VGG or TransferModel.
+    trainable: module -> learns (`optim.trainable_mask`: a bool per top-level module, or a
+      nested dict of them). Only those are differentiated, so no backward pass runs through a
+      frozen backbone (the optimizer's `set_to_zero` keeps them unchanged).
     bn_train: BatchNorm uses (masked) batch statistics and updates its running stats, as under
-      torch's model.train(); False: running stats everywhere (eval-mode BN).
+      torch's model.train(); False: running stats everywhere (eval-mode BN). Dropout is on
+      either way, as torch's model.train() with only the BN modules put in eval().
+    loss: (outputs, batch) -> masked sums with 'loss_sum' and 'count' (see tl_jax.losses).
   """
-  images, labels, mask = batch['images'], batch['labels'], batch['mask']
-  learned = {k: v for k, v in state.params.items() if trainable[k]}
-  fixed = {k: v for k, v in state.params.items() if not trainable[k]}
+  images, mask = batch['images'], batch['mask']
+  learned, fixed = _split(state.params, trainable)
+  batch_stats = state.batch_stats if state.batch_stats is not None else {}
 
   def loss_fn(learned_params):
-    variables = {'params': {**fixed, **learned_params}, 'batch_stats': state.batch_stats}
-    if bn_train:
-      logits, updates = model.apply(variables, images, train=True, mask_b=mask, mutable=['batch_stats'])
-      new_batch_stats = updates['batch_stats']
-    else:
-      logits, new_batch_stats = model.apply(variables, images, train=False), state.batch_stats
-    sums = _masked_sums(logits, labels, mask)
-    return sums['loss_sum'] / sums['count'], (sums, new_batch_stats)
+    variables = {'params': _merge(fixed, learned_params), 'batch_stats': batch_stats}
+    outputs, updates = model.apply(variables, images, train=True, bn_train=bn_train, mask_b=mask,
+                                   mutable=['batch_stats'] if bn_train else [],
+                                   rngs={'dropout': dropout_key(state)})
+    sums = loss(outputs, batch)
+    return sums['loss_sum'] / sums['count'], (sums, updates.get('batch_stats', batch_stats))
 
-  (_, (sums, new_batch_stats)), learned_grads = jax.value_and_grad(loss_fn, has_aux=True)(learned)
+  (_, (sums, new_batch_stats)), learned_grads = jax.value_and_grad(loss_fn, has_aux=True)(learned or {})
   # Frozen modules get zero gradients; optax.partition routes them to set_to_zero, which
   # never reads them, so XLA folds these zeros away.
-  grads = {k: learned_grads[k] if trainable[k] else jax.tree_util.tree_map(jnp.zeros_like, v)
-           for k, v in state.params.items()}
+  grads = _merge(learned_grads, jax.tree_util.tree_map(jnp.zeros_like, fixed) if fixed else None)
   state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
   return state, sums
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: ResNet) -> dict:
-  """Eval-mode forward; masked sums of loss, correct predictions and count."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = model.apply(variables, batch['images'], train=False)
-  return {**_masked_sums(logits, batch['labels'], batch['mask']),
-          'predictions': jnp.argmax(logits, axis=-1)}
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+              loss: losses.Loss = losses.cross_entropy) -> dict:
+  """Eval-mode forward; masked sums of the loss (and correct predictions) and count.
+
+  Classification adds 'predictions' (argmax); other heads' outputs are returned as 'outputs'.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
+  outputs = model.apply(variables, batch['images'], train=False)
+  sums = loss(outputs, batch)
+  if 'correct' in sums:
+    return {**sums, 'predictions': jnp.argmax(outputs, axis=-1)}
+  return {**sums, 'outputs': outputs}
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -225,8 +266,11 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
   mesh = parallel.make_mesh(1) if mesh is None else mesh
   stage_config = config.stages[index]
   tx = make_tx(config, index, variables['params'], steps_per_epoch)
+  # Dropout's key: one per stage; each step folds in its step number (train.dropout_key), so a
+  # resumed stage draws the masks the uninterrupted one would have.
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'])
+                            batch_stats=variables['batch_stats'],
+                            rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), index))
   if opt_state is not None:
     state = state.replace(opt_state=opt_state, step=step)
   # Committed to the mesh before the first call: a state with another sharding would compile again.

@@ -167,8 +167,10 @@ class ResNet(nn.Module):
     # The loss is computed from float32 logits whatever the compute dtype.
     return _at_least_f32(self.fc(features_bd))
 
-  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
-    return self.head(self.features(x_bhwc, train, mask_b))
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               bn_train: Optional[bool] = None) -> jax.Array:
+    # bn_train: the models' common call (VGG's `train` also drives dropout); a ResNet's train is its BN's.
+    return self.head(self.features(x_bhwc, train if bn_train is None else bn_train, mask_b))
 
 
 def create_model(arch: str, num_classes: int, dtype: Any = None) -> ResNet:
