@@ -85,9 +85,9 @@ def param_labels(params: Mapping, strategy: str | Sequence[str]) -> dict:
   """A label tree with the structure of `params`: TRAINABLE or FROZEN on every leaf."""
 
   def label(tree, mask):
-    if isinstance(mask, bool):
-      return jax.tree_util.tree_map(lambda _: TRAINABLE if mask else FROZEN, tree)
-    return {k: label(v, mask[k]) for k, v in tree.items()}
+    if not isinstance(tree, Mapping):   # a leaf (an array, or a placeholder such as None)
+      return TRAINABLE if mask else FROZEN
+    return {k: label(v, mask if isinstance(mask, bool) else mask[k]) for k, v in tree.items()}
 
   return label(params, trainable_mask(params, strategy))
 
