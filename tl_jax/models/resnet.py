@@ -16,16 +16,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tl_jax.models import fast_conv
 from tl_jax.models.layers import BatchNorm
 
 # torch's default init for conv weights (kaiming_normal_, fan_out, relu) as torchvision's ResNet uses.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None) -> nn.Conv:
+def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
+          fast_dw: bool = True) -> nn.Conv:
+  # fast_dw: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
-                 kernel_init=_conv_init, name=name)
+                 kernel_init=_conv_init, name=name,
+                 conv_general_dilated=fast_conv.conv_general_dilated if fast_dw else None)
 
 
 def torch_linear_init(fan_in: int):
@@ -43,15 +47,16 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
+  fast_dw: bool = True
   expansion = 1
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 3, self.stride, 1)
+    self.conv1 = _conv(self.planes, 3, self.stride, 1, fast_dw=self.fast_dw)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, 1, 1)
+    self.conv2 = _conv(self.planes, 3, 1, 1, fast_dw=self.fast_dw)
     self.bn2 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes, 1, self.stride, 0)
+      self.downsample_conv = _conv(self.planes, 1, self.stride, 0, fast_dw=self.fast_dw)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -66,17 +71,18 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
+  fast_dw: bool = True
   expansion = 4
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 1)
+    self.conv1 = _conv(self.planes, 1, fast_dw=self.fast_dw)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, self.stride, 1)
+    self.conv2 = _conv(self.planes, 3, self.stride, 1, fast_dw=self.fast_dw)
     self.bn2 = BatchNorm()
-    self.conv3 = _conv(self.planes * 4, 1)
+    self.conv3 = _conv(self.planes * 4, 1, fast_dw=self.fast_dw)
     self.bn3 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0)
+      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0, fast_dw=self.fast_dw)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -119,10 +125,11 @@ class ResNet(nn.Module):
   """
   arch: str = 'resnet18'
   num_classes: int = 1000
+  fast_dw: bool = True  # False: XLA's own conv weight gradients (for benchmarks and tests)
 
   def setup(self):
     spec = ARCHS[self.arch]
-    self.conv1 = _conv(64, 7, 2, 3)
+    self.conv1 = _conv(64, 7, 2, 3, fast_dw=self.fast_dw)
     self.bn1 = BatchNorm()
     in_planes = 64
     for stage, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), spec.stage_sizes), start=1):
@@ -130,7 +137,7 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         stride = 2 if (stage > 1 and index == 0) else 1
         needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
-        blocks.append(spec.block_cls(planes, stride, needs_downsample, name=f'layer{stage}_{index}'))
+        blocks.append(spec.block_cls(planes, stride, needs_downsample, self.fast_dw, name=f'layer{stage}_{index}'))
         in_planes = planes * spec.block_cls.expansion
       setattr(self, f'layer{stage}', blocks)
     self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
@@ -160,13 +167,16 @@ class ResNet(nn.Module):
     return self.head(self.features(x_bhwc, train, mask_b))
 
 
-def create_model(arch: str, num_classes: int) -> ResNet:
-  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`."""
+def create_model(arch: str, num_classes: int, fast_dw: bool = True) -> ResNet:
+  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`.
+
+  `fast_dw=False` keeps XLA's own conv weight gradients (same parameters, same values up to
+  float rounding of the gradient; see `tl_jax.models.fast_conv`)."""
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return ResNet(arch=arch, num_classes=num_classes)
+  return ResNet(arch=arch, num_classes=num_classes, fast_dw=fast_dw)
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:
