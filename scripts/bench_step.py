@@ -41,13 +41,13 @@ def _interleaved(fns: dict, rounds: int) -> dict:
   return {name: _median_ms(t) for name, t in times.items()}
 
 
-def jax_step(strategy: str, fast_dw: bool, batch: int, size: int, bn: str = 'train'):
+def jax_step(strategy: str, fast_backward: bool, batch: int, size: int, bn: str = 'train'):
   """A zero-argument callable running one jitted train step (state carried), and its compile time."""
   from tl_jax import optim, train
   from tl_jax.config import TrainConfig
   from tl_jax.models import create_model, init_variables
   config = TrainConfig(strategy=strategy, bn=bn)
-  model = create_model('resnet18', 2, fast_dw=fast_dw)
+  model = create_model('resnet18', 2, fast_backward=fast_backward)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
   state = train.create_train_state(config, model, variables, steps_per_epoch=61)
   rng = np.random.default_rng(0)
@@ -167,8 +167,8 @@ def main():
         f"batch {args.batch}, {args.size} px; {'CPU' if args.cpu_time else 'wall'} ms, median of {args.steps} rounds")
   for strategy in filter(None, args.strategies.split(',')):
     fns, compile_s = {}, {}
-    for label, fast_dw in (('xla', False), ('fast', True)):
-      fns[label], compile_s[label] = jax_step(strategy, fast_dw, args.batch, args.size)
+    for label, fast_backward in (('xla', False), ('fast', True)):
+      fns[label], compile_s[label] = jax_step(strategy, fast_backward, args.batch, args.size)
     fns['torch'] = torch_step(strategy, args.batch, args.size)[0]
     ms = _interleaved(fns, args.steps)
     print(f'{strategy:9s} ' + '  '.join(f'{k} {v:6.1f} ms' for k, v in ms.items())

@@ -42,7 +42,7 @@ def test_value_and_gradients_equal_lax_conv_in_float64(shape):
     assert y.dtype == dw.dtype == jnp.float64
     for what, ours, ref in (('value', y, y_ref), ('dx', dx, dx_ref), ('dW', dw, dw_ref)):
       assert ours.shape == ref.shape, what
-      assert within(rel_err(ours, ref), 'conv_rewrite_rel_f64', f'fast_conv {what} vs lax conv (rel)'), what
+      assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} vs lax conv (rel)'), what
 
 
 def test_is_a_drop_in_for_flax_conv_and_passes_other_convs_to_lax(monkeypatch):

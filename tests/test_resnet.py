@@ -181,8 +181,8 @@ def test_cross_entropy_gradients_match_torch_in_float64(arch):
 
 
 def test_fast_weight_gradients_keep_names_and_shapes():
-  """fast_dw changes how conv weight gradients are computed, never the variables (checkpoints, convert)."""
+  """fast_backward changes how conv weight gradients are computed, never the variables (checkpoints, convert)."""
   shapes = [jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), jax.eval_shape(
-      lambda: create_model('resnet50', NUM_CLASSES, fast_dw=fast).init(
+      lambda: create_model('resnet50', NUM_CLASSES, fast_backward=fast).init(
           jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))) for fast in (True, False)]
   assert shapes[0] == shapes[1]

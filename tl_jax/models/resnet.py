@@ -17,19 +17,19 @@ import jax
 import jax.numpy as jnp
 
 from tl_jax.models import fast_conv
-from tl_jax.models.layers import BatchNorm
+from tl_jax.models.layers import BatchNorm, max_pool
 
 # torch's default init for conv weights (kaiming_normal_, fan_out, relu) as torchvision's ResNet uses.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
-          fast_dw: bool = True) -> nn.Conv:
-  # fast_dw: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
+          fast_backward: bool = True) -> nn.Conv:
+  # fast_backward: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
                  kernel_init=_conv_init, name=name,
-                 conv_general_dilated=fast_conv.conv_general_dilated if fast_dw else None)
+                 conv_general_dilated=fast_conv.conv_general_dilated if fast_backward else None)
 
 
 def torch_linear_init(fan_in: int):
@@ -47,16 +47,16 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
-  fast_dw: bool = True
+  fast_backward: bool = True
   expansion = 1
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 3, self.stride, 1, fast_dw=self.fast_dw)
+    self.conv1 = _conv(self.planes, 3, self.stride, 1, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, 1, 1, fast_dw=self.fast_dw)
+    self.conv2 = _conv(self.planes, 3, 1, 1, fast_backward=self.fast_backward)
     self.bn2 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes, 1, self.stride, 0, fast_dw=self.fast_dw)
+      self.downsample_conv = _conv(self.planes, 1, self.stride, 0, fast_backward=self.fast_backward)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -71,18 +71,18 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
-  fast_dw: bool = True
+  fast_backward: bool = True
   expansion = 4
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 1, fast_dw=self.fast_dw)
+    self.conv1 = _conv(self.planes, 1, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, self.stride, 1, fast_dw=self.fast_dw)
+    self.conv2 = _conv(self.planes, 3, self.stride, 1, fast_backward=self.fast_backward)
     self.bn2 = BatchNorm()
-    self.conv3 = _conv(self.planes * 4, 1, fast_dw=self.fast_dw)
+    self.conv3 = _conv(self.planes * 4, 1, fast_backward=self.fast_backward)
     self.bn3 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0, fast_dw=self.fast_dw)
+      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0, fast_backward=self.fast_backward)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -125,11 +125,12 @@ class ResNet(nn.Module):
   """
   arch: str = 'resnet18'
   num_classes: int = 1000
-  fast_dw: bool = True  # False: XLA's own conv weight gradients (for benchmarks and tests)
+  # False: JAX's own backward passes of convolutions and max-pool (for benchmarks and tests).
+  fast_backward: bool = True
 
   def setup(self):
     spec = ARCHS[self.arch]
-    self.conv1 = _conv(64, 7, 2, 3, fast_dw=self.fast_dw)
+    self.conv1 = _conv(64, 7, 2, 3, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
     in_planes = 64
     for stage, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), spec.stage_sizes), start=1):
@@ -137,7 +138,8 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         stride = 2 if (stage > 1 and index == 0) else 1
         needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
-        blocks.append(spec.block_cls(planes, stride, needs_downsample, self.fast_dw, name=f'layer{stage}_{index}'))
+        blocks.append(spec.block_cls(planes, stride, needs_downsample, self.fast_backward,
+                                     name=f'layer{stage}_{index}'))
         in_planes = planes * spec.block_cls.expansion
       setattr(self, f'layer{stage}', blocks)
     self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
@@ -150,8 +152,11 @@ class ResNet(nn.Module):
     With `return_stages`, also returns {'stem', 'layer1'..'layer4'} activations (NHWC)."""
     stages = {}
     x = nn.relu(self.bn1(self.conv1(x_bhwc), train, mask_b))
-    # torch pads max-pool input with -inf, which is what reduce_window's init value does here.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.fast_backward:
+      x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    else:
+      # torch pads max-pool input with -inf, which is what reduce_window's init value does here.
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages['stem'] = x
     for stage in range(1, 5):
       for block in getattr(self, f'layer{stage}'):
@@ -167,16 +172,17 @@ class ResNet(nn.Module):
     return self.head(self.features(x_bhwc, train, mask_b))
 
 
-def create_model(arch: str, num_classes: int, fast_dw: bool = True) -> ResNet:
+def create_model(arch: str, num_classes: int, fast_backward: bool = True) -> ResNet:
   """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`.
 
-  `fast_dw=False` keeps XLA's own conv weight gradients (same parameters, same values up to
-  float rounding of the gradient; see `tl_jax.models.fast_conv`)."""
+  `fast_backward=False` keeps JAX's own conv weight gradients and max-pool gradient (same
+  parameters and values; gradients equal up to float rounding; see `tl_jax.models.fast_conv`
+  and `layers.max_pool`)."""
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return ResNet(arch=arch, num_classes=num_classes, fast_dw=fast_dw)
+  return ResNet(arch=arch, num_classes=num_classes, fast_backward=fast_backward)
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:
