@@ -162,7 +162,8 @@ def main():
   # XLA sizes its thread pool from the CPUs this process may run on (taskset); torch from the
   # machine's cores unless told.
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  print(f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.2f}), jax {jax.__version__} '
+  print(f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.2f}), '
+        f'jax {jax.__version__} '
         f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads); '
         f"batch {args.batch}, {args.size} px; {'CPU' if args.cpu_time else 'wall'} ms, median of {args.steps} rounds")
   for strategy in filter(None, args.strategies.split(',')):

@@ -24,7 +24,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
-          fast_backward: bool = True) -> nn.Conv:
+          fast_backward: bool = False) -> nn.Conv:
   # fast_backward: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
@@ -47,7 +47,7 @@ class BasicBlock(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
-  fast_backward: bool = True
+  fast_backward: bool = False
   expansion = 1
 
   def setup(self):
@@ -71,7 +71,7 @@ class Bottleneck(nn.Module):
   planes: int
   stride: int = 1
   downsample: bool = False
-  fast_backward: bool = True
+  fast_backward: bool = False
   expansion = 4
 
   def setup(self):
@@ -125,8 +125,8 @@ class ResNet(nn.Module):
   """
   arch: str = 'resnet18'
   num_classes: int = 1000
-  # False: JAX's own backward passes of convolutions and max-pool (for benchmarks and tests).
-  fast_backward: bool = True
+  # True: conv weight gradients and max-pool gradient through tl_jax's rewrites (see create_model).
+  fast_backward: bool = False
 
   def setup(self):
     spec = ARCHS[self.arch]
@@ -172,12 +172,14 @@ class ResNet(nn.Module):
     return self.head(self.features(x_bhwc, train, mask_b))
 
 
-def create_model(arch: str, num_classes: int, fast_backward: bool = True) -> ResNet:
+def create_model(arch: str, num_classes: int, fast_backward: bool = False) -> ResNet:
   """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`.
 
-  `fast_backward=False` keeps JAX's own conv weight gradients and max-pool gradient (same
-  parameters and values; gradients equal up to float rounding; see `tl_jax.models.fast_conv`
-  and `layers.max_pool`)."""
+  `fast_backward=True` computes conv weight gradients as matmuls (`tl_jax.models.fast_conv`)
+  and the max-pool gradient without index arrays (`layers.max_pool`): same parameters and
+  values, gradients equal in float64 (1e-12) and up to float32 rounding; about 0.84x the
+  finetune step's CPU time (scripts/bench_step.py). Off by default: float32 rounding moves the
+  second SGD step's loss by 1.6e-5 from torch's in tests/test_train.py (tolerance 1e-5)."""
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
