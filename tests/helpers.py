@@ -34,6 +34,7 @@ TOL = {
     'bf16_logits_rel': 2e-2,        # eval logits with bfloat16 convs/matmuls vs float32
     'parallel_abs_f64': 1e-12,      # 4 devices / 2 processes vs 1 device, float64: losses, params, BN stats
     'parallel_rel_f64': 1e-12,      # the same for eval sums (relative: a loss sum is ~20)
+    'rewrite_rel_f64': 1e-12,  # a rewritten op (conv value/dx/dW vs lax, max-pool vs torch), float64
 }
 
 

@@ -29,19 +29,21 @@ HEAD = 'head'
 FEATURES = 'features'
 
 
-def create_model(arch: str, num_classes: int, dtype=None) -> nn.Module:
+def create_model(arch: str, num_classes: int, dtype=None, fast_backward: bool = False) -> nn.Module:
   """torchvision's `arch` (one of ARCHS) with a `num_classes`-way last layer.
 
-  `dtype` (ResNets): compute dtype of convolutions and matmuls, e.g. jnp.bfloat16; None: float32.
+  ResNet options (see resnet.create_model): `dtype`, the compute dtype of convolutions and
+  matmuls (e.g. jnp.bfloat16; None: float32); `fast_backward`, XLA:CPU-friendly conv weight
+  gradients.
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  if dtype is None:
+  if dtype is None and not fast_backward:
     return model_class(arch)(arch=arch, num_classes=num_classes)
   if arch not in resnet.ARCHS:
     raise ValueError(f'--dtype {jnp.dtype(dtype).name} is built for the ResNets; {arch} computes in float32 '
-                     '(leave --dtype out)')
-  return resnet.ResNet(arch=arch, num_classes=num_classes, dtype=dtype)
+                     '(leave --dtype out)' if dtype is not None else f'fast_backward is built for the ResNets, not {arch}')
+  return resnet.create_model(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 224) -> dict:
