@@ -184,6 +184,19 @@ def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
                     T.build_pipeline(val_spec, where='data.val_transforms'))
 
 
+def decoded_cache(config: Config, data: Data) -> Callable:
+  """`data.load`, or one cache of decoded images for train and val (data.cache_decoded, tl_jax.data.cache).
+
+  'auto' sizes the set from the files' headers, so it applies to folders; a TFDS set is cached
+  only when asked (true).
+  """
+  from tl_jax.data import cache
+  policy = config.data.cache_decoded
+  if policy == 'auto' and data.source.get('kind') == 'tfds':
+    return data.load
+  return cache.cached_loader(data.load, list(data.train.samples) + list(data.val.samples), policy)
+
+
 def _uint8_transform(pipeline, img, rng):
   """Every op before ToTensor on the host; ToTensor and Normalize happen on the device."""
   return pipeline.apply_uint8(img, pipeline.sample(rng, img.width, img.height))
@@ -198,7 +211,7 @@ def make_loaders(config: Config, data: Data, transforms: Transforms, uint8: bool
       to the device), to the same float32 values.
   """
   d = config.data
-  common = dict(seed=config.seed, workers=d.workers, prefetch=d.prefetch, load=data.load,
+  common = dict(seed=config.seed, workers=d.workers, prefetch=d.prefetch, load=decoded_cache(config, data),
                 process_index=jax.process_index(), process_count=jax.process_count())
   train_tf, val_tf = transforms.train, transforms.val
   if uint8:
