@@ -326,6 +326,7 @@ def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress:
   device_sums = []
   starved = 0.0
   in_flight = None
+  multi_process = jax.process_count() > 1
   batches = iter(loader.epoch(epoch))
   with tqdm(total=len(loader), desc=desc, leave=False, disable=not progress) as bar:
     while True:
@@ -340,6 +341,10 @@ def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress:
       else:
         sums = step_fn(state, put(batch.as_dict()))
       in_flight = sums['count']
+      if multi_process:
+        # Across processes (gloo on CPU), steps in flight at once may enter their collectives in
+        # different orders in different processes and wait on each other for ever: one at a time.
+        in_flight.block_until_ready()
       device_sums.append({k: sums[k] for k in totals})
       bar.update()
   # One transfer at the end: per-step float() calls would block the host on every step. The sums
