@@ -390,3 +390,21 @@ def test_uint8_batches_normalised_on_the_device_train_exactly_like_float_batches
     assert ('uint8, normalised on the device' in '\n'.join(lines)) == uint8
   for key in ('train_loss', 'train_acc', 'val_loss', 'val_acc'):
     assert runs[True][key] == runs[False][key], key
+
+
+@pytest.mark.parametrize('name', ['frozen', 'finetune', 'two_stage', 'resnet101_two_stage', 'vgg16_classifier'])
+def test_every_shipped_config_runs_one_short_epoch_per_stage(tmp_path, name):
+  """The shipped recipes as they are (stages, optimizers, schedules, transforms), with a small arch swapped in,
+  one epoch per stage on a tiny folder."""
+  from pathlib import Path
+  from tl_jax.config import apply_overrides, read_yaml, validate
+  from tl_jax.train import train_and_evaluate
+  values = read_yaml(Path(__file__).resolve().parents[1] / 'configs' / f'{name}.yaml')
+  small_arch = 'vgg11' if values['model']['arch'].startswith('vgg') else 'resnet18'
+  config = validate(apply_overrides(values, {
+      'arch': small_arch, 'weights': 'random', 'data': str(_small_folder(tmp_path / 'data', 4, 2)),
+      'epochs': 1, 'batch_size': 4, 'eval_batch_size': 4, 'workers': 0}))
+  result = train_and_evaluate(config, tmp_path / 'run', progress=False, plots=False, report=False,
+                              log=lambda _: None)
+  assert [row['stage'] for row in result.history] == [s['name'] for s in values['stages']]
+  assert all(np.isfinite(row['train_loss']) and np.isfinite(row['val_loss']) for row in result.history)
