@@ -103,3 +103,15 @@ def test_decode_errors_surface_in_the_consumer():
   loader = Loader(_samples(3), _transform, 2, True, workers=2, load=broken)
   with pytest.raises(ValueError, match='cannot read img'):
     list(loader.epoch(0))
+
+
+def test_a_large_epoch_starts_without_listing_the_order_per_batch():
+  # 5,000 batches of 4 out of 20,000 samples: listing the whole order once per batch took minutes
+  # (1e8 pairs); once per epoch it takes milliseconds. The bound leaves room for a loaded machine.
+  loader = Loader(_samples(20_000), _transform, 4, True, workers=1, load=_fake_load)
+  start = time.perf_counter()
+  iterator = loader.epoch(0)
+  first = next(iterator)
+  iterator.close()
+  assert time.perf_counter() - start < 5.0
+  assert first.indices.tolist() == loader.order(0)[:4].tolist()

@@ -96,8 +96,10 @@ class Loader:
     """The batches of `epoch`, prepared `prefetch` batches ahead by the worker threads."""
     self.wait_seconds = 0.0
     order = self.order(epoch)
-    # A chunk is the (position in the epoch, dataset index) pairs of one batch.
-    chunks = [list(enumerate(order))[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+    # A chunk is the (position in the epoch, dataset index) pairs of one batch. The pairs are
+    # listed once: listing them per chunk made the epoch's start quadratic in the data set's size.
+    pairs = list(enumerate(order.tolist()))
+    chunks = [pairs[s:s + self.batch_size] for s in range(0, len(pairs), self.batch_size)]
 
     def assemble(chunk, rows):
       return self._assemble(rows, np.array([index for _, index in chunk], np.int64))
