@@ -86,10 +86,15 @@ def torchvision_compose(spec: Sequence[dict]):
   return tvt.Compose([build(*next(iter(entry.items()))) for entry in spec])
 
 
+@functools.lru_cache(maxsize=4)
+def _order(loader: Loader, epoch: int) -> np.ndarray:
+  return loader.order(epoch)  # once per epoch, not once per batch
+
+
 def loader_batch(loader: Loader, epoch: int, number: int) -> dict[str, np.ndarray]:
   """Batch `number` of `epoch` exactly as `loader.epoch(epoch)` yields it, built in this thread."""
   positions = range(number * loader.batch_size, min((number + 1) * loader.batch_size, len(loader.samples)))
-  order = loader.order(epoch)
+  order = _order(loader, epoch)
   indices = np.array([order[p] for p in positions], np.int64)
   rows = [loader._example(epoch, p, int(i)) for p, i in zip(positions, indices)]
   batch = loader._assemble(rows, indices)
