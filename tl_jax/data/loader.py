@@ -9,9 +9,11 @@
   timing, and a resumed run sees the batches it would have seen.
 - Threads, not processes: PIL decodes and resizes with the GIL released, and so does the
   jitted step, so workers run while the step computes. Measured with scripts/bench_loader.py
-  (2 shared cores, 244 images): threads beat torchvision's DataLoader at 1 and 2 workers and
-  match or beat grain's worker processes even when grain's start-up is left out; spawning
-  grain's processes costs 10-20 s, more than a whole epoch here, and needs a picklable transform.
+  (2 shared cores, 244 images, three runs): threads beat torchvision's DataLoader at 1 and 2
+  workers. grain's worker processes, with their start-up left out, were as fast as threads on
+  the tutorial's list at 2 workers in two runs of three and up to 1.4x faster on a heavy
+  list; but spawning them costs 3-18 s per start (an epoch here takes 2-5 s), so they pay only
+  if kept alive across epochs, and they need a picklable transform and `load`.
 """
 
 from __future__ import annotations
