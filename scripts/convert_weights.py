@@ -2,6 +2,7 @@
 """Convert torchvision weights to a tl_jax checkpoint, or back.
 
   python scripts/convert_weights.py --from-torch resnet18-f37072fd.pth --out ckpt/resnet18
+  python scripts/convert_weights.py --from-torch vgg16-397923af.pth --arch vgg16 --out ckpt/vgg16
   python scripts/convert_weights.py --to-torch runs/frozen --out frozen.pth
 """
 
@@ -17,9 +18,9 @@ def main() -> int:
   direction.add_argument('--from-torch', metavar='SRC', help='torchvision state dict (.pth/.safetensors)')
   direction.add_argument('--to-torch', metavar='DIR', help='tl_jax checkpoint dir or training workdir')
   parser.add_argument('--out', required=True, help='checkpoint dir to create, or the .pth/.safetensors to write')
-  parser.add_argument('--arch', choices=['resnet18', 'resnet34', 'resnet50', 'resnet101'],
-                      help='expected architecture (default: recognised from the file)')
-  parser.add_argument('--class-names', help='comma-separated names of the fc outputs')
+  parser.add_argument('--arch', help='expected architecture: resnet18 | resnet34 | resnet50 | resnet101 | '
+                      'vgg11 | vgg13 | vgg16 | vgg19, each vgg also _bn (default: recognised from the file)')
+  parser.add_argument('--class-names', help="comma-separated names of the last layer's outputs")
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   args = parser.parse_args()
 

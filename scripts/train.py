@@ -48,6 +48,14 @@ def parse_args():
   parser.add_argument('--workers', type=int, help='data loading threads')
   parser.add_argument('--skip-bad-images', action='store_true', default=None,
                       help='warn about and drop unreadable images instead of stopping')
+  parser.add_argument('--dtype', choices=['float32', 'bfloat16'],
+                      help='compute dtype of convolutions and matmuls (params, BN statistics and loss stay float32)')
+  parser.add_argument('--devices', type=int, help='use the first N local devices (default: all); the batch is '
+                                                  'split over them')
+  parser.add_argument('--coordinator', help='multi-process run: HOST:PORT of process 0 (with --num-processes and '
+                                            '--process-id; leave all three out under SLURM/Kubernetes/TPU)')
+  parser.add_argument('--num-processes', type=int, help='multi-process run: number of processes')
+  parser.add_argument('--process-id', type=int, help='multi-process run: this process, 0..N-1')
   parser.add_argument('--resume', action='store_true', help='continue the run in --workdir')
   parser.add_argument('--no-progress', action='store_true', help='no progress bars')
   return parser.parse_args()
@@ -55,6 +63,9 @@ def parse_args():
 
 def main() -> int:
   args = parse_args()
+  from tl_jax import parallel
+  # Before any other JAX work: the devices of every process form one mesh.
+  parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from tl_jax import config as config_lib
   from tl_jax.train import train_and_evaluate
   if args.strategy and args.config:
@@ -70,12 +81,12 @@ def main() -> int:
   overrides = {'epochs': epochs, 'lr': lr, 'bn': args.bn, 'data': args.data, 'weights': args.weights,
                'arch': args.arch, 'batch_size': args.batch_size, 'eval_batch_size': args.eval_batch_size,
                'seed': args.seed, 'workers': args.workers, 'skip_bad_images': args.skip_bad_images,
-               'trainable': args.trainable, 'tfds_data_dir': args.tfds_data_dir, 'tfds_download': args.tfds_download}
+               'trainable': args.trainable, 'dtype': args.dtype, 'tfds_data_dir': args.tfds_data_dir, 'tfds_download': args.tfds_download}
   given = {k: v for k, v in overrides.items() if v is not None}
   config = config_lib.validate(config_lib.apply_overrides(values, given),
                                f' in {path}' + (' with the command-line flags' if given else ''))
   workdir = args.workdir or f'runs/{strategy or path.stem}'
-  train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress)
+  train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress, devices=args.devices)
   return 0
 
 

@@ -59,7 +59,7 @@ def test_errors_list_every_missing_unexpected_and_misshaped_name():
 
 def test_weights_of_another_arch_are_rejected():
   sd = state_dict_numpy(random_torchvision_model('resnet34', 5))
-  with pytest.raises(ConversionError, match='unexpected .*layer1.2'):
+  with pytest.raises(ConversionError, match='this looks like a resnet34 state dict; pass --arch resnet34'):
     torch_to_flax(sd, 'resnet18')
   assert guess_arch(sd) == 'resnet34'
 
@@ -91,3 +91,52 @@ def test_replace_head_keeps_backbone_and_draws_fc_like_nn_linear():
     assert np.abs(ours).max() <= bound
     assert abs(ours.std() - theirs.std()) < 0.02 * theirs.std()
     assert abs(ours.mean()) < 0.01 * bound * 10
+
+
+VGG_ARCHS = ['vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn']
+
+
+@pytest.mark.parametrize('arch', VGG_ARCHS)
+def test_vgg_round_trip_is_identical_and_loads_strictly(arch):
+  tmodel = random_torchvision_model(arch, 3)
+  sd = state_dict_numpy(tmodel)
+  assert {e.torch_name for e in name_table(arch)} == {k for k in sd if not k.endswith('num_batches_tracked')}
+  variables = torch_to_flax(sd, arch)
+  back = flax_to_torch(variables, arch)
+  assert back.keys() == sd.keys()
+  for name, value in sd.items():
+    if not name.endswith('num_batches_tracked'):
+      assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+  fresh = getattr(torchvision.models, arch)(num_classes=3)
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+  assert guess_arch(sd) == arch and head_num_classes(sd) == 3
+
+
+def test_vgg_tree_matches_the_flax_model_and_the_head_is_replaced():
+  sd = state_dict_numpy(random_torchvision_model('vgg11_bn', 1000))
+  fresh = init_variables(create_model('vgg11_bn', 4), jax.random.PRNGKey(0), 32)
+  variables = torch_to_flax(sd, 'vgg11_bn', reference=fresh, include_head=False)
+  assert 'classifier_6' not in variables['params']
+  merged = replace_head(variables, fresh)
+  assert jax.tree_util.tree_structure(merged) == jax.tree_util.tree_structure(fresh)
+  assert merged['params']['classifier_6']['kernel'].shape == (4096, 4)
+  np.testing.assert_array_equal(merged['params']['classifier_3']['kernel'], sd['classifier.3.weight'].T)
+  # nn.Linear(4096, 4)'s init: U(-1/64, 1/64); torchvision's from-scratch N(0, 0.01) would exceed it.
+  assert np.abs(merged['params']['classifier_6']['kernel']).max() <= 1 / 64
+  plain = init_variables(create_model('vgg11', 4), jax.random.PRNGKey(0), 32)
+  assert plain['batch_stats'] == {}
+
+
+def test_a_state_dict_of_the_other_vgg_family_names_the_right_arch():
+  sd = state_dict_numpy(random_torchvision_model('vgg11_bn', 3))
+  with pytest.raises(ConversionError) as info:
+    torch_to_flax(sd, 'vgg11')
+  assert 'this looks like a vgg11_bn state dict; pass --arch vgg11_bn' in str(info.value)
+  assert len(str(info.value).splitlines()) == 1
+  # Within one family, a damaged file still lists every name.
+  del sd['features.4.weight']
+  sd['classifier.0.weight'] = sd['classifier.0.weight'][:, :100]
+  reference = init_variables(create_model('vgg11_bn', 3), jax.random.PRNGKey(0), 32)
+  with pytest.raises(ConversionError, match=r'missing \(1\): features.4.weight') as info:
+    torch_to_flax(sd, 'vgg11_bn', reference=reference)
+  assert 'classifier.0.weight: file has (4096, 100), vgg11_bn needs (4096, 25088)' in str(info.value)

@@ -212,3 +212,97 @@ def test_bench_gpu_script_smoke(tmp_path):
   assert bad.returncode == 2
   assert bad.stderr.strip().splitlines() == ['error: batch size 3 does not split evenly over 2 devices; '
                                              'use 2 or 4 (a multiple of 2), or fewer --devices']
+
+
+# ------------------------------------------------------------------- the training script on several devices
+
+SMALL_RECIPE = """
+model: {arch: resnet18, weights: random}
+data:
+  batch_size: 8
+  eval_batch_size: 16
+  workers: 2
+  train_transforms: [{RandomResizedCrop: {size: 64}}, {RandomHorizontalFlip: {}}, {ToTensor: {}},
+                     {Normalize: {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}]
+  val_transforms: [{Resize: {size: 72}}, {CenterCrop: {size: 64}}, {ToTensor: {}},
+                   {Normalize: {mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}}]
+stages:
+  - {name: finetune, epochs: EPOCHS, trainable: all, optimizer: {name: sgd, lr: 0.0005, momentum: 0.9}}
+"""
+
+
+def _train(workdir, recipe, data, *extra, devices_forced=4):
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu', 'PYTHONUNBUFFERED': '1',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices_forced}'}
+  return subprocess.Popen([sys.executable, str(REPO / 'scripts' / 'train.py'), '--config', str(recipe),
+                           '--data', str(data), '--workdir', str(workdir), '--no-progress', *map(str, extra)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _history(workdir):
+  import json
+  return json.loads((Path(workdir) / 'history.json').read_text())
+
+
+def test_train_script_on_four_devices_and_on_two_processes_equals_one_device(tmp_path):
+  """A float32 epoch on the real data: 1 device, 4 devices, 2 processes x 2 devices (BN over the global batch)."""
+  from helpers import require_data
+  data = require_data()
+  recipe = tmp_path / 'r.yaml'
+  recipe.write_text(SMALL_RECIPE.replace('EPOCHS', '1'))
+  port = _free_port()
+  multi = ['--coordinator', f'127.0.0.1:{port}', '--num-processes', 2]
+  results = _finish([_train(tmp_path / 'one', recipe, data, '--devices', 1),
+                     _train(tmp_path / 'four', recipe, data),
+                     _train(tmp_path / 'multi', recipe, data, *multi, '--process-id', 0, devices_forced=2),
+                     _train(tmp_path / 'multi', recipe, data, *multi, '--process-id', 1, devices_forced=2)])
+  _check(results)
+  one, four, multi_run = (_history(tmp_path / name) for name in ('one', 'four', 'multi'))
+  assert 'over 1 process' in one['devices'] and four['devices'].startswith('4 cpu device(s) over 1 process')
+  assert multi_run['devices'].startswith('4 cpu device(s) over 2 process')
+  for other, what in ((four, '4 devices'), (multi_run, '2 processes x 2 devices')):
+    for key in ('train_loss', 'val_loss'):
+      err = abs(other['epochs'][0][key] - one['epochs'][0][key]) / abs(one['epochs'][0][key])
+      assert within(err, 'parallel_epoch_rel_f32', f'train.py float32 epoch on real data, {what} vs 1: {key} (rel)'), \
+          (key, other['epochs'][0][key], one['epochs'][0][key])
+    for key in ('train_acc', 'val_acc'):
+      assert abs(other['epochs'][0][key] - one['epochs'][0][key]) <= 2 / 244, key   # at most a sample or two flips
+  # Only process 0 wrote the logs: the other process printed no epoch lines.
+  assert 'Epoch 0/0' in results[2][1] and 'Epoch 0/0' not in results[3][1]
+
+
+def test_two_processes_resume_after_both_are_killed(tmp_path):
+  """Both processes of a run killed after epoch 0, resumed with --resume: the uninterrupted run's numbers."""
+  from helpers import require_data
+  data = require_data()
+  recipe = tmp_path / 'r.yaml'
+  recipe.write_text(SMALL_RECIPE.replace('EPOCHS', '2'))
+
+  def pair(workdir, *extra):
+    port = _free_port()
+    multi = ['--coordinator', f'127.0.0.1:{port}', '--num-processes', 2, *extra]
+    return [_train(workdir, recipe, data, *multi, '--process-id', i, devices_forced=2) for i in (0, 1)]
+
+  straight = pair(tmp_path / 'straight')
+  _check(_finish(straight))
+  procs = pair(tmp_path / 'killed')
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while not (tmp_path / 'killed' / 'history.json').exists():
+      assert all(p.poll() is None for p in procs), 'a process ended before its first epoch finished'
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+  finally:
+    for p in procs:
+      p.kill()
+      p.communicate()
+  assert len(_history(tmp_path / 'killed')['epochs']) == 1
+  resumed = pair(tmp_path / 'killed', '--resume')
+  results = _finish(resumed)
+  _check(results)
+  assert 'resuming' in results[0][1]
+  a, b = _history(tmp_path / 'killed')['epochs'], _history(tmp_path / 'straight')['epochs']
+  assert [r['epoch'] for r in a] == [0, 1]
+  for x, y in zip(a, b):
+    for key in ('train_loss', 'val_loss', 'train_acc', 'val_acc'):
+      assert x[key] == pytest.approx(y[key], rel=1e-5), (x['epoch'], key)

@@ -226,3 +226,33 @@ def test_bfloat16_training_lowers_the_loss():
     losses.append(float(sums['loss_sum'] / sums['count']))
   assert losses[-1] < 0.5 * losses[0], losses
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(state.params)} == {jnp.dtype(jnp.float32)}
+def test_fast_weight_gradients_keep_names_and_shapes():
+  """fast_backward changes how gradients are computed, never the variables (checkpoints, convert)."""
+  shapes = [jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), jax.eval_shape(
+      lambda: create_model('resnet50', NUM_CLASSES, fast_backward=fast).init(
+          jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))) for fast in (True, False)]
+  assert shapes[0] == shapes[1]
+
+
+def test_fast_backward_gradients_equal_the_plain_ones_in_float64(monkeypatch):
+  from tl_jax.models import fast_conv, resnet
+  calls = []
+  for module, name in ((fast_conv, 'conv2d'), (resnet, 'max_pool')):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+  model_plain, model_fast = (create_model('resnet18', NUM_CLASSES, fast_backward=f) for f in (False, True))
+  with jax.enable_x64(True):
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32, 32, 3)))
+    variables = model_plain.init(jax.random.PRNGKey(0), x, train=False)
+
+    def grads(model):
+      def loss(params):
+        logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x, train=True,
+                                mutable=['batch_stats'])
+        return jnp.sum(jnp.sin(logits))
+      return jax.grad(loss)(variables['params'])
+
+    g_plain, g_fast = grads(model_plain), grads(model_fast)
+    worst = max(rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_plain)))
+  assert within(worst, 'grad_rel_f64', 'fast_backward vs plain gradients float64, worst tensor (rel)'), worst
+  assert calls.count('conv2d') >= 20 and 'max_pool' in calls  # the fast model took both rewrites

@@ -375,3 +375,18 @@ def test_train_and_evaluate_two_stages_keeps_the_best_epoch_over_the_whole_run(t
   assert build_pipeline(best.metadata['val_transforms']) == build_pipeline(SMALL_TRANSFORMS['val_transforms'])
   # One compile per distinct trainable set.
   assert sum('compiled train_step' in line for line in lines) == 2
+
+
+def test_uint8_batches_normalised_on_the_device_train_exactly_like_float_batches(tmp_path):
+  """data.uint8_batches: 4x fewer bytes to the device, the same float32 pixels, so the same run."""
+  from tl_jax.train import train_and_evaluate
+  stages = [{'name': 'all', 'epochs': 1, 'trainable': 'all', 'optimizer': {'name': 'sgd', 'lr': 0.01}}]
+  runs = {}
+  for uint8 in (False, True):
+    config = _small_config(tmp_path / str(uint8), stages, uint8_batches=uint8)
+    lines = []
+    runs[uint8] = train_and_evaluate(config, tmp_path / f'run_{uint8}', progress=False, plots=False, report=False,
+                                     log=lines.append).history[0]
+    assert ('uint8, normalised on the device' in '\n'.join(lines)) == uint8
+  for key in ('train_loss', 'train_acc', 'val_loss', 'val_acc'):
+    assert runs[True][key] == runs[False][key], key

@@ -123,7 +123,8 @@ def test_imagenet_urls_and_preprocessing_match_torchvision():
   models = pytest.importorskip('torchvision.models')
   enums = {'resnet18': models.ResNet18_Weights, 'resnet34': models.ResNet34_Weights,
            'resnet50': models.ResNet50_Weights, 'resnet101': models.ResNet101_Weights,
-           'vgg16': models.VGG16_Weights}
+           **{arch: getattr(models, arch.upper() + '_Weights')
+              for arch in ('vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn')}}
   assert sorted(enums) == sorted(weights.IMAGENET_URLS)
   for arch, enum in enums.items():
     assert weights.IMAGENET_URLS[arch] == enum.IMAGENET1K_V1.url, arch
@@ -300,7 +301,7 @@ def test_download_checks_prefix_and_overwrites_atomically(local_server, tmp_path
 def test_random_and_unknown_arch_and_missing_path(tmp_path):
   resolved = weights.resolve_weights('random', 'resnet18')
   assert resolved.state_dict is None and resolved.source == 'random'
-  with pytest.raises(WeightsError, match='known: resnet101, resnet18, resnet34, resnet50, vgg16'):
+  with pytest.raises(WeightsError, match='known: resnet101, resnet18, resnet34, resnet50, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, '):
     weights.resolve_weights('imagenet', 'resnet9', cache_dir=tmp_path)
   with pytest.raises(WeightsError) as info:
     weights.resolve_weights(str(tmp_path / 'nope.pth'), 'resnet18')

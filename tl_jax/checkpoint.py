@@ -55,6 +55,9 @@ def make_metadata(arch: str, num_classes: int, preprocessing: dict,
 
 
 def _host(tree):
+  if jax.process_count() > 1:
+    # Global arrays: orbax writes each process's part; NumPy copies would be written by all.
+    return tree
   return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 

@@ -5,11 +5,15 @@ NumPy state dicts.
 
 Layout rules (why each transpose):
   conv  weight  (O, I, kH, kW)  -> kernel (kH, kW, I, O)   Flax convs are HWIO
+  conv  bias                    -> bias                   (VGG's convs have one)
   fc    weight  (out, in)       -> kernel (in, out)       Dense computes x @ kernel
   bn    weight / bias           -> scale / bias           same values
   bn    running_mean / _var     -> batch_stats mean / var
   bn    num_batches_tracked     -> dropped (only used by torch when momentum=None);
                                    exported as 0
+
+VGG's `classifier.0` needs no row permutation: the Flax VGG flattens its NHWC features in
+torch's (C, H, W) order, so every Linear is a plain transpose.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from tl_jax.models.resnet import ARCHS
+from tl_jax.models import ARCHS, resnet, stage_of, vgg
 
 
 class ConversionError(ValueError):
@@ -34,8 +38,16 @@ class Entry:
   kind: str                  # 'conv' | 'linear_w' | 'copy'
 
 
-def _conv(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
-  return [Entry(f'{torch_prefix}.weight', 'params', flax_path + ('kernel',), 'conv')]
+def _conv(torch_prefix: str, flax_path: tuple[str, ...], bias: bool = False) -> list[Entry]:
+  entries = [Entry(f'{torch_prefix}.weight', 'params', flax_path + ('kernel',), 'conv')]
+  if bias:
+    entries.append(Entry(f'{torch_prefix}.bias', 'params', flax_path + ('bias',), 'copy'))
+  return entries
+
+
+def _linear(torch_prefix: str, flax_name: str) -> list[Entry]:
+  return [Entry(f'{torch_prefix}.weight', 'params', (flax_name, 'kernel'), 'linear_w'),
+          Entry(f'{torch_prefix}.bias', 'params', (flax_name, 'bias'), 'copy')]
 
 
 def _bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
@@ -47,11 +59,21 @@ def _bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
   ]
 
 
-def name_table(arch: str, include_head: bool = True) -> list[Entry]:
-  """Every tensor of torchvision's `arch` with where it lives in the Flax variables."""
+def name_table(arch: str, include_head: bool = True, base_only: bool = False) -> list[Entry]:
+  """Every tensor of torchvision's `arch` with where it lives in the Flax variables.
+
+  Args:
+    include_head: with the last layer (`fc`, VGG's `classifier.6`).
+    base_only: only the convolutional base (`tl_jax.models.Backbone`): ResNet without `fc`,
+      VGG's `features` without any `classifier` layer.
+  """
   if arch not in ARCHS:
     raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  spec = ARCHS[arch]
+  if base_only:
+    return [e for e in name_table(arch, include_head=False) if stage_of(e.path[0]) not in ('classifier', 'head')]
+  if arch in vgg.ARCHS:
+    return _vgg_table(arch, include_head)
+  spec = resnet.ARCHS[arch]
   convs_per_block = 2 if spec.block == 'basic' else 3
   table = _conv('conv1', ('conv1',)) + _bn('bn1', ('bn1',))
   for stage, num_blocks in enumerate(spec.stage_sizes, start=1):
@@ -63,8 +85,27 @@ def name_table(arch: str, include_head: bool = True) -> list[Entry]:
         table += _conv(f'{t}.downsample.0', (f, 'downsample_conv'))
         table += _bn(f'{t}.downsample.1', (f, 'downsample_bn'))
   if include_head:
-    table += [Entry('fc.weight', 'params', ('fc', 'kernel'), 'linear_w'),
-              Entry('fc.bias', 'params', ('fc', 'bias'), 'copy')]
+    table += _linear('fc', 'fc')
+  return table
+
+
+def _vgg_table(arch: str, include_head: bool) -> list[Entry]:
+  """torch's `features` is one Sequential: conv, [bn,] relu per conv and a max-pool per block."""
+  spec = vgg.ARCHS[arch]
+  table, index = [], 0
+  for b, widths in enumerate(spec.blocks, start=1):
+    for i in range(1, len(widths) + 1):
+      table += _conv(f'features.{index}', (f'block{b}_conv{i}',), bias=True)
+      index += 1
+      if spec.batch_norm:
+        table += _bn(f'features.{index}', (f'block{b}_bn{i}',))
+        index += 1
+      index += 1   # ReLU
+    index += 1     # MaxPool2d
+  # classifier: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear, 4 ReLU, 5 Dropout, 6 Linear (the head).
+  table += _linear('classifier.0', 'classifier_0') + _linear('classifier.3', 'classifier_3')
+  if include_head:
+    table += _linear('classifier.6', vgg.HEAD)
   return table
 
 
@@ -106,7 +147,8 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
-                  reference: Optional[Mapping] = None, include_head: bool = True) -> dict:
+                  reference: Optional[Mapping] = None, include_head: bool = True,
+                  base_only: bool = False) -> dict:
   """torchvision `state_dict` (NumPy values) -> {'params', 'batch_stats'}.
 
   Args:
@@ -114,16 +156,25 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
     arch: torchvision architecture name, e.g. 'resnet18'.
     reference: optional Flax variables of the target model; every shape is checked against
       them (catches a state dict of another arch or class count).
-    include_head: convert `fc` too. With False, `fc.*` is ignored (a head is made afresh).
+    include_head: convert the last layer (`fc`, VGG's `classifier.6`) too. With False it is
+      ignored (a head is made afresh).
+    base_only: convert only the convolutional base (for `tl_jax.models.Backbone`); the rest of
+      the classifier is ignored.
 
   Raises:
     ConversionError listing every missing, unexpected and mis-shaped name.
   """
-  table = name_table(arch, include_head)
+  table = name_table(arch, include_head, base_only)
   known = {e.torch_name for e in name_table(arch, include_head=True)}
   missing = [e.torch_name for e in table if e.torch_name not in state_dict]
   unexpected = sorted(k for k in state_dict
                       if k not in known and not k.endswith('num_batches_tracked'))
+  if missing or unexpected:
+    guessed = guess_arch(state_dict)
+    if guessed is not None and guessed != arch:
+      # One line instead of dozens of names: the file is fine, the --arch is not.
+      raise ConversionError(f'weights do not fit {arch}: this looks like a {guessed} state dict; '
+                            f'pass --arch {guessed}')
   mismatched = []
   variables: dict = {'params': {}, 'batch_stats': {}}
   for entry in table:
@@ -183,35 +234,47 @@ def _raise_if_problems(arch: str, missing: list[str], unexpected: list[str], mis
     lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
   if mismatched:
     lines.append(f'  wrong shape ({len(mismatched)}):\n    ' + '\n    '.join(mismatched))
-  lines.append('Check --arch (resnet18/34 have BasicBlocks, resnet50/101 Bottlenecks) and that the file is a '
-               'torchvision classification state_dict.')
+  lines.append('Check --arch (resnet18/34 have BasicBlocks, resnet50/101 Bottlenecks; vggN_bn have BatchNorm, '
+               'vggN do not) and that the file is a torchvision classification state_dict.')
   raise ConversionError('\n'.join(lines))
 
 
 def guess_arch(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:
-  """The arch whose name table matches the state dict's keys exactly (fc aside), else None."""
+  """The arch whose name table matches the state dict's keys exactly (with or without its head), else None."""
   keys = {k for k in state_dict if not k.endswith('num_batches_tracked')}
   for arch in ARCHS:
-    if {e.torch_name for e in name_table(arch)} == keys:
-      return arch
+    for include_head in (True, False):
+      if {e.torch_name for e in name_table(arch, include_head)} == keys:
+        return arch
   return None
 
 
+_HEAD_WEIGHTS = ('fc.weight', 'classifier.6.weight')
+
+
 def head_num_classes(state_dict: Mapping[str, np.ndarray]) -> Optional[int]:
-  """Output size of `fc` in a torchvision state dict, or None if it has no fc."""
-  if 'fc.weight' in state_dict:
-    return int(np.shape(state_dict['fc.weight'])[0])
+  """Output size of the last layer (`fc` or VGG's `classifier.6`) in a torchvision state dict, or None."""
+  for name in _HEAD_WEIGHTS:
+    if name in state_dict:
+      return int(np.shape(state_dict[name])[0])
   return None
 
 
 def replace_head(variables: Mapping, fresh_variables: Mapping) -> dict:
-  """Backbone of `variables` with the `fc` of `fresh_variables` (the tutorial's new nn.Linear).
+  """Backbone of `variables` with the head of `fresh_variables` (the tutorial's new nn.Linear).
+
+  The head is ResNet's `fc` or VGG's `classifier_6` (torch's `classifier[-1]`); VGG's first two
+  classifier layers are kept, as `model.classifier[6] = nn.Linear(4096, K)` keeps them.
 
   Args:
     variables: converted weights (any head, or none).
-    fresh_variables: `init_variables` of the target model with `num_classes` outputs; its fc
+    fresh_variables: `init_variables` of the target model with `num_classes` outputs; its head
       has nn.Linear's init distribution.
   """
-  params = {k: v for k, v in variables['params'].items() if k != 'fc'}
-  params['fc'] = fresh_variables['params']['fc']
-  return {'params': params, 'batch_stats': dict(variables['batch_stats'])}
+  heads = [name for name in ('fc', vgg.HEAD) if name in fresh_variables['params']]
+  if len(heads) != 1:
+    raise ConversionError(f'cannot tell the head among {sorted(fresh_variables["params"])}')
+  head = heads[0]
+  params = {k: v for k, v in variables['params'].items() if k != head}
+  params[head] = fresh_variables['params'][head]
+  return {'params': params, 'batch_stats': dict(variables.get('batch_stats', {}))}

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tl_jax import checkpoint, convert, weights
-from tl_jax.models import create_model, init_variables
+from tl_jax.models import ARCHS, create_model, init_variables
 
 
 def imagenet_class_names() -> Optional[list[str]]:
@@ -25,8 +25,9 @@ def import_torch_weights(src: str | Path, out: str | Path, arch: Optional[str] =
   Args:
     src: a .pth/.pt (read with weights_only=True) or .safetensors state dict.
     out: directory to create.
-    arch: expected architecture; by default the one whose tensor names the file has.
-    class_names: names of the `fc` outputs, if known (ImageNet's are filled in for 1000).
+    arch: expected architecture (a ResNet or VGG name); by default the one whose tensor names the file has.
+    class_names: names of the last layer's outputs (`fc`, or VGG's `classifier.6`), if known
+      (ImageNet's are filled in for 1000).
   """
   state_dict = weights.load_state_dict(src)
   guessed = convert.guess_arch(state_dict)
@@ -34,11 +35,15 @@ def import_torch_weights(src: str | Path, out: str | Path, arch: Optional[str] =
     if guessed is None:
       raise convert.ConversionError(f'{src}: its tensor names match no known architecture; pass --arch')
     arch = guessed
+  elif arch not in ARCHS:
+    raise convert.ConversionError(f'--arch {arch!r} is not supported; choose one of {", ".join(ARCHS)}')
   elif guessed is not None and guessed != arch:
-    raise convert.ConversionError(f'{src} holds {guessed} weights, not {arch}; pass --arch {guessed}')
+    raise convert.ConversionError(f'{src}: this looks like a {guessed} state dict, not {arch}; '
+                                  f'pass --arch {guessed}')
   num_classes = convert.head_num_classes(state_dict)
   if num_classes is None:
-    raise convert.ConversionError(f'{src} has no fc.weight; it is not a torchvision classifier state dict')
+    raise convert.ConversionError(f'{src} has no fc.weight or classifier.6.weight; it is not a torchvision '
+                                  'classifier state dict')
   reference = init_variables(create_model(arch, num_classes), _rng(), image_size=32)
   variables = convert.torch_to_flax(state_dict, arch, reference=reference)
   if class_names is None and num_classes == 1000:

@@ -1,7 +1,9 @@
 """Strategies -> label trees -> optax: what learns, and at which learning rate.
 
 Freezing belongs to the optimizer: every top-level module of the model gets a stage label
-('stem', 'layer1'..'layer4', 'head'), a strategy says which stages learn, and
+(ResNet: 'stem', 'layer1'..'layer4', 'head'; VGG: 'block1'..'block5', 'classifier', 'head';
+a TransferModel: its backbone's stages and each head submodule by name; see
+`tl_jax.models.stage_tree`), a strategy says which stages learn, and
 `optax.partition` gives the frozen ones `set_to_zero()` (no update, no momentum buffer).
 Skipping the backward pass through frozen stages is the train step's job
 (`trainable_mask` tells it what to differentiate).
@@ -14,61 +16,80 @@ transforms in torch's order, with a lr from a torch scheduler stepped once per e
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tl_jax.models import STAGES
+from tl_jax import models
 
 TRAINABLE, FROZEN = 'trainable', 'frozen'
 
-# Which stages learn under each strategy.
+# Which stages learn under each strategy; FINETUNE_ALL stands for every stage of the model.
+FINETUNE_ALL = '*'
 STRATEGY_STAGES: dict[str, tuple[str, ...]] = {
-    'frozen': ('head',),
-    'finetune': STAGES + ('head',),
+    'frozen': (models.HEAD,),
+    'finetune': (FINETUNE_ALL,),
 }
 
 
 def stage_of(module_name: str) -> str:
-  """Stage of a top-level ResNet module: conv1/bn1 -> 'stem', layer3_1 -> 'layer3', fc -> 'head'."""
-  if module_name in ('conv1', 'bn1'):
-    return 'stem'
-  if module_name == 'fc':
-    return 'head'
-  if module_name.startswith('layer'):
-    return module_name.split('_')[0]
-  raise ValueError(f'no stage known for module {module_name!r}')
+  """Stage of a top-level ResNet/VGG module (see `tl_jax.models.stage_of`)."""
+  return models.stage_of(module_name)
 
 
-def trainable_stages(strategy: str | Sequence[str]) -> tuple[str, ...]:
-  """A strategy name, or an explicit list of stages (partial unfreezing), -> stages that learn."""
+def _all_known_stages() -> tuple[str, ...]:
+  stages = [s for arch in models.ARCHS for s in models.arch_stages(arch)] + [models.FEATURES]
+  return tuple(dict.fromkeys(stages))
+
+
+def trainable_stages(strategy: str | Sequence[str], known: Optional[Sequence[str]] = None) -> tuple[str, ...]:
+  """A strategy name, or an explicit list of stages/groups (partial unfreezing), -> names that learn.
+
+  Args:
+    strategy: 'frozen' (the head), 'finetune' (everything), or names such as ['block5', 'classifier',
+      'head'] for a VGG, ['layer4', 'head'] for a ResNet, or a custom head's submodule names.
+    known: the names the model has (`models.stage_groups`); default: those of every built-in arch.
+  """
   if isinstance(strategy, str):
     if strategy not in STRATEGY_STAGES:
       raise ValueError(f'unknown strategy {strategy!r}; choose one of {sorted(STRATEGY_STAGES)}')
     return STRATEGY_STAGES[strategy]
-  unknown = sorted(set(strategy) - set(STAGES + ('head',)))
+  known = tuple(known) if known is not None else _all_known_stages()
+  unknown = sorted(set(strategy) - set(known))
   if unknown:
-    raise ValueError(f'unknown stages {unknown}; stages are {STAGES + ("head",)}')
+    raise ValueError(f'unknown stages {unknown}; stages are {known}')
   return tuple(strategy)
 
 
-def trainable_mask(params: Mapping, strategy: str | Sequence[str]) -> dict[str, bool]:
-  """Top-level module name -> whether it learns."""
-  stages = trainable_stages(strategy)
-  return {name: stage_of(name) in stages for name in params}
+def trainable_mask(params: Mapping, strategy: str | Sequence[str]) -> dict:
+  """Module -> whether it learns: a bool per top-level module (ResNet, VGG), nested under
+  'backbone' / 'head' for a TransferModel."""
+  tree = models.stage_tree(params)
+  groups = models.stage_groups(tree)
+  names = trainable_stages(strategy, known=tuple(groups))
+  if FINETUNE_ALL in names:
+    learning = {s for selected in groups.values() for s in selected}
+  else:
+    learning = {s for name in names for s in groups[name]}
+
+  def mask(node):
+    return {k: mask(v) for k, v in node.items()} if isinstance(node, Mapping) else node in learning
+
+  return mask(tree)
 
 
 def param_labels(params: Mapping, strategy: str | Sequence[str]) -> dict:
   """A label tree with the structure of `params`: TRAINABLE or FROZEN on every leaf."""
-  mask = trainable_mask(params, strategy)
 
-  def label_all(tree, label):
-    return {k: label_all(v, label) for k, v in tree.items()} if isinstance(tree, Mapping) else label
+  def label(tree, mask):
+    if not isinstance(tree, Mapping):   # a leaf (an array, or a placeholder such as None)
+      return TRAINABLE if mask else FROZEN
+    return {k: label(v, mask if isinstance(mask, bool) else mask[k]) for k, v in tree.items()}
 
-  return {name: label_all(sub, TRAINABLE if mask[name] else FROZEN) for name, sub in params.items()}
+  return label(params, trainable_mask(params, strategy))
 
 
 # ---------------------------------------------------------------------------------- arguments

@@ -32,7 +32,16 @@ class Prediction:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == 'class_name'}
 
 
-def eval_transform_for(model: ModelCheckpoint) -> EvalTransform:
+def eval_transform_for(model: ModelCheckpoint):
+  """The preprocessing a checkpoint's model was validated with: image -> float32 HWC array.
+
+  A training run saves its val transform list (`val_transforms`); other checkpoints (converted
+  weights) carry the weights' preprocessing: Resize, CenterCrop, ToTensor, Normalize.
+  """
+  spec = model.metadata.get('val_transforms')
+  if spec:
+    from tl_jax.data.augment import build_pipeline
+    return build_pipeline(spec, where='the checkpoint\'s val_transforms')
   pre = model.metadata.get('preprocessing') or {}
   kwargs = {k: pre[k] for k in ('resize_size', 'crop_size') if k in pre}
   for k in ('mean', 'std'):

@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.sharding import Mesh
 
-from tl_jax import checkpoint, optim
+from tl_jax import checkpoint, losses, optim, parallel
 from tl_jax.config import Config, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
-from tl_jax.data import sources
+from tl_jax.data import on_device, sources
 from tl_jax.data.loader import Loader
 from tl_jax.data.sources import Data
 from tl_jax.models import ResNet, create_model, init_variables
@@ -33,6 +35,8 @@ from tl_jax.weights import Preprocessing, resolve_weights
 
 class TrainState(train_state.TrainState):
   batch_stats: Any = None
+  # Base key for dropout; the step's key is fold_in(rng, step), so a resumed run draws the same masks.
+  rng: Any = None
 
 
 # ---------------------------------------------------------------------------------- steps
@@ -40,55 +44,93 @@ class TrainState(train_state.TrainState):
 
 def _masked_sums(logits, labels, mask):
   """Sums over valid rows; the host divides (a padded row adds nothing)."""
-  weights = mask.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-  return {'loss_sum': jnp.sum(ce * weights), 'correct': jnp.sum(correct * weights),
-          'count': jnp.sum(weights)}
+  return losses.cross_entropy(logits, {'labels': labels, 'mask': mask})
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: ResNet,
-               trainable: Mapping[str, bool], bn_train: bool) -> tuple[TrainState, dict]:
-  """One SGD step on the mean cross-entropy of the valid rows of `batch`.
+def _split(tree: Mapping, trainable) -> tuple[Optional[dict], Optional[dict]]:
+  """(learned, fixed) parts of `tree` by `trainable`, a bool or a prefix tree of bools."""
+  if isinstance(trainable, bool):
+    return (dict(tree), None) if trainable else (None, dict(tree))
+  learned, fixed = {}, {}
+  for key, sub in tree.items():
+    mask = trainable[key]
+    if isinstance(mask, bool) or not isinstance(sub, Mapping):
+      (learned if mask else fixed)[key] = sub
+      continue
+    sub_learned, sub_fixed = _split(sub, mask)
+    if sub_learned:
+      learned[key] = sub_learned
+    if sub_fixed:
+      fixed[key] = sub_fixed
+  return learned, fixed
+
+
+def _merge(a: Optional[Mapping], b: Optional[Mapping]) -> dict:
+  if not a or not b:
+    return dict(a or b or {})
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge(out[key], value) if key in out and isinstance(value, Mapping) else value
+  return out
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+  """This step's dropout key. A state without `rng` uses PRNGKey(0), so ResNet states built
+  before the field existed still run (ResNets draw nothing)."""
+  base = state.rng if state.rng is not None else jax.random.PRNGKey(0)
+  return jax.random.fold_in(base, state.step)
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+               trainable: Mapping[str, Any], bn_train: bool,
+               loss: losses.Loss = losses.cross_entropy) -> tuple[TrainState, dict]:
+  """One optimizer step on the mean loss of the valid rows of `batch`.
 
   Args:
-    state: params, batch_stats and optimizer state.
-    batch: 'images' (B, H, W, 3), 'labels' (B,), 'mask' (B,) with False on padding rows.
-    model: the ResNet.
-    trainable: top-level module -> learns. Only those are differentiated, so no backward pass
-      runs through a frozen backbone (the optimizer's `set_to_zero` keeps them unchanged).
+    state: params, batch_stats ({} for models without BatchNorm), optimizer state, dropout rng.
+    batch: 'images' (B, H, W, 3), 'mask' (B,) with False on padding rows, and what `loss`
+      reads ('labels' (B,) for cross-entropy, 'targets' for regression).
+    model: a ResNet, VGG or TransferModel.
+    trainable: module -> learns (`optim.trainable_mask`: a bool per top-level module, or a
+      nested dict of them). Only those are differentiated, so no backward pass runs through a
+      frozen backbone (the optimizer's `set_to_zero` keeps them unchanged).
     bn_train: BatchNorm uses (masked) batch statistics and updates its running stats, as under
-      torch's model.train(); False: running stats everywhere (eval-mode BN).
+      torch's model.train(); False: running stats everywhere (eval-mode BN). Dropout is on
+      either way, as torch's model.train() with only the BN modules put in eval().
+    loss: (outputs, batch) -> masked sums with 'loss_sum' and 'count' (see tl_jax.losses).
   """
-  images, labels, mask = batch['images'], batch['labels'], batch['mask']
-  learned = {k: v for k, v in state.params.items() if trainable[k]}
-  fixed = {k: v for k, v in state.params.items() if not trainable[k]}
+  images, mask = batch['images'], batch['mask']
+  learned, fixed = _split(state.params, trainable)
+  batch_stats = state.batch_stats if state.batch_stats is not None else {}
 
   def loss_fn(learned_params):
-    variables = {'params': {**fixed, **learned_params}, 'batch_stats': state.batch_stats}
-    if bn_train:
-      logits, updates = model.apply(variables, images, train=True, mask_b=mask, mutable=['batch_stats'])
-      new_batch_stats = updates['batch_stats']
-    else:
-      logits, new_batch_stats = model.apply(variables, images, train=False), state.batch_stats
-    sums = _masked_sums(logits, labels, mask)
-    return sums['loss_sum'] / sums['count'], (sums, new_batch_stats)
+    variables = {'params': _merge(fixed, learned_params), 'batch_stats': batch_stats}
+    outputs, updates = model.apply(variables, images, train=True, bn_train=bn_train, mask_b=mask,
+                                   mutable=['batch_stats'] if bn_train else [],
+                                   rngs={'dropout': dropout_key(state)})
+    sums = loss(outputs, batch)
+    return sums['loss_sum'] / sums['count'], (sums, updates.get('batch_stats', batch_stats))
 
-  (_, (sums, new_batch_stats)), learned_grads = jax.value_and_grad(loss_fn, has_aux=True)(learned)
+  (_, (sums, new_batch_stats)), learned_grads = jax.value_and_grad(loss_fn, has_aux=True)(learned or {})
   # Frozen modules get zero gradients; optax.partition routes them to set_to_zero, which
   # never reads them, so XLA folds these zeros away.
-  grads = {k: learned_grads[k] if trainable[k] else jax.tree_util.tree_map(jnp.zeros_like, v)
-           for k, v in state.params.items()}
+  grads = _merge(learned_grads, jax.tree_util.tree_map(jnp.zeros_like, fixed) if fixed else None)
   state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
   return state, sums
 
 
-def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: ResNet) -> dict:
-  """Eval-mode forward; masked sums of loss, correct predictions and count."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  logits = model.apply(variables, batch['images'], train=False)
-  return {**_masked_sums(logits, batch['labels'], batch['mask']),
-          'predictions': jnp.argmax(logits, axis=-1)}
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+              loss: losses.Loss = losses.cross_entropy) -> dict:
+  """Eval-mode forward; masked sums of the loss (and correct predictions) and count.
+
+  Classification adds 'predictions' (argmax); other heads' outputs are returned as 'outputs'.
+  """
+  variables = {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
+  outputs = model.apply(variables, batch['images'], train=False)
+  sums = loss(outputs, batch)
+  if 'correct' in sums:
+    return {**sums, 'predictions': jnp.argmax(outputs, axis=-1)}
+  return {**sums, 'outputs': outputs}
 
 
 # ---------------------------------------------------------------------------------- setup
@@ -142,12 +184,41 @@ def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
                     T.build_pipeline(val_spec, where='data.val_transforms'))
 
 
-def make_loaders(config: Config, data: Data, transforms: Transforms) -> tuple[Loader, Loader]:
+def decoded_cache(config: Config, data: Data) -> Callable:
+  """`data.load`, or one cache of decoded images for train and val (data.cache_decoded, tl_jax.data.cache).
+
+  'auto' sizes the set from the files' headers, so it applies to folders; a TFDS set is cached
+  only when asked (true).
+  """
+  from tl_jax.data import cache
+  policy = config.data.cache_decoded
+  if policy == 'auto' and data.source.get('kind') == 'tfds':
+    return data.load
+  return cache.cached_loader(data.load, list(data.train.samples) + list(data.val.samples), policy)
+
+
+def _uint8_transform(pipeline, img, rng):
+  """Every op before ToTensor on the host; ToTensor and Normalize happen on the device."""
+  return pipeline.apply_uint8(img, pipeline.sample(rng, img.width, img.height))
+
+
+def make_loaders(config: Config, data: Data, transforms: Transforms, uint8: bool = False
+                 ) -> tuple[Loader, Loader]:
+  """The train (shuffled) and val loaders; in a multi-process run each loads its own rows of every batch.
+
+  Args:
+    uint8: batches hold uint8 pixels and the steps normalise them on the device (4x fewer bytes
+      to the device), to the same float32 values.
+  """
   d = config.data
-  train = Loader(data.train.samples, transforms.train, d.batch_size, shuffle=True, seed=config.seed,
-                 workers=d.workers, prefetch=d.prefetch, load=data.load)
-  val = Loader(data.val.samples, transforms.val, d.eval_batch_size, shuffle=False, seed=config.seed,
-               workers=d.workers, prefetch=d.prefetch, load=data.load)
+  common = dict(seed=config.seed, workers=d.workers, prefetch=d.prefetch, load=decoded_cache(config, data),
+                process_index=jax.process_index(), process_count=jax.process_count())
+  train_tf, val_tf = transforms.train, transforms.val
+  if uint8:
+    train_tf = functools.partial(_uint8_transform, transforms.train)
+    val_tf = functools.partial(_uint8_transform, transforms.val)
+  train = Loader(data.train.samples, train_tf, d.batch_size, shuffle=True, **common)
+  val = Loader(data.val.samples, val_tf, d.eval_batch_size, shuffle=False, **common)
   return train, val
 
 
@@ -179,6 +250,7 @@ class Stage:
   train_fn: Callable          # (state, batch) -> (state, sums), compiled for the loader's batch shape
   eval_fn: Callable           # (state, batch) -> sums
   compile_seconds: dict[str, float]
+  mesh: Mesh                  # batches are split over its devices
 
 
 def _stage_key(config: Config, index: int) -> tuple:
@@ -190,7 +262,8 @@ def _stage_key(config: Config, index: int) -> tuple:
 
 def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per_epoch: int,
                 example_train: Mapping, example_val: Mapping, compiled: Optional[dict] = None,
-                opt_state: Any = None, step: int = 0) -> tuple[TrainState, Stage]:
+                opt_state: Any = None, step: int = 0, mesh: Optional[Mesh] = None,
+                normalization: Optional[tuple] = None) -> tuple[TrainState, Stage]:
   """A fresh optimizer for stage `index` over `variables` (as constructing a new torch optimizer does).
 
   Args:
@@ -199,42 +272,54 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
     compiled: cache of compiled steps shared between stages; a stage equal to an earlier one in
       trainable set, BN policy, optimizer and schedule reuses its steps instead of compiling again.
     opt_state, step: a restored optimizer state and step within the stage (resume).
+    mesh: the devices (tl_jax.parallel): the state is replicated on each, batches split over
+      them; default: the first device.
+    normalization: (mean, std) when batches come as uint8 and are normalised on the device.
   """
+  mesh = parallel.make_mesh(1) if mesh is None else mesh
   stage_config = config.stages[index]
   tx = make_tx(config, index, variables['params'], steps_per_epoch)
+  # Dropout's key: one per stage; each step folds in its step number (train.dropout_key), so a
+  # resumed stage draws the masks the uninterrupted one would have.
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'])
+                            batch_stats=variables['batch_stats'],
+                            rng=jax.random.fold_in(jax.random.PRNGKey(config.seed), index))
   if opt_state is not None:
     state = state.replace(opt_state=opt_state, step=step)
+  # Committed to the mesh before the first call: a state with another sharding would compile again.
+  state = parallel.replicate(state, mesh)
   compiled = {} if compiled is None else compiled
   key = _stage_key(config, index)
   seconds = {'train_step': 0.0, 'eval_step': 0.0}
   if key not in compiled:
     trainable = optim.trainable_mask(state.params, config.trainable_stages(index))
-    train_fn = jax.jit(functools.partial(train_step, model=model, trainable=trainable,
-                                         bn_train=stage_config.bn == 'train'), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model))
-    train_fn, seconds['train_step'] = _compile(train_fn, state, example_train)
-    eval_fn, seconds['eval_step'] = _compile(eval_fn, state, example_val)
+    train, evaluate = train_step, eval_step
+    if normalization is not None:
+      train, evaluate = (on_device.normalizing_step(f, *normalization) for f in (train_step, eval_step))
+    train_fn = parallel.jit_train_step(train, mesh, model=model, trainable=trainable,
+                                       bn_train=stage_config.bn == 'train')
+    eval_fn = parallel.jit_eval_step(evaluate, mesh, model=model)
+    train_fn, seconds['train_step'] = _compile(train_fn, state, parallel.shard_batch(example_train, mesh))
+    eval_fn, seconds['eval_step'] = _compile(eval_fn, state, parallel.shard_batch(example_val, mesh))
     compiled[key] = (train_fn, eval_fn)
   train_fn, eval_fn = compiled[key]
   first_epoch = sum(s.epochs for s in config.stages[:index])
   return state, Stage(index, stage_config.name, first_epoch, stage_config.epochs, stage_lrs(config, index),
-                      train_fn, eval_fn, seconds)
+                      train_fn, eval_fn, seconds, mesh)
 
 
 # ---------------------------------------------------------------------------------- loop
 
 
 def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress: bool,
-              desc: str) -> tuple[Any, dict, float]:
+              desc: str, put: Callable[[dict], Any] = lambda batch: batch) -> tuple[Any, dict, float]:
   """Runs one phase; returns (state, host-summed metrics, seconds the device starved for data).
 
   Steps are dispatched asynchronously, so the host fetches batch n+1 while step n runs and the
   device never idles between well-fed steps. Starvation is the part of a wait for data during
   which no step was running: a wait counts when the step in flight had finished by the time
   the batch arrived (an upper bound: it may have finished partway through), and not at all
-  when that step was still running.
+  when that step was still running. `put` places a host batch on the devices (split over the mesh).
   """
   from tqdm.auto import tqdm
   totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
@@ -251,26 +336,29 @@ def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress:
       if batch is None:
         break
       if train:
-        state, sums = step_fn(state, batch.as_dict())
+        state, sums = step_fn(state, put(batch.as_dict()))
       else:
-        sums = step_fn(state, batch.as_dict())
+        sums = step_fn(state, put(batch.as_dict()))
       in_flight = sums['count']
       device_sums.append({k: sums[k] for k in totals})
       bar.update()
-  # One transfer at the end: per-step float() calls would block the host on every step.
-  for sums in jax.device_get(device_sums):
+  # One transfer at the end: per-step float() calls would block the host on every step. The sums
+  # are replicated (global over devices and processes), so the local copy is the whole value.
+  for sums in device_sums:
     for k in totals:
-      totals[k] += float(sums[k])
+      totals[k] += float(np.asarray(sums[k].addressable_data(0) if isinstance(sums[k], jax.Array) else sums[k]))
   return state, totals, starved
 
 
 def run_epoch(stage: Stage, state: TrainState, train_loader: Loader, val_loader: Loader, epoch: int,
               progress: bool = False) -> tuple[TrainState, dict]:
   """A train phase and a val phase of global `epoch`; returns the new state and the history row."""
+  put = functools.partial(parallel.shard_batch, mesh=stage.mesh)
   t0 = time.perf_counter()
-  state, train_sums, train_wait = run_phase(stage.train_fn, state, train_loader, epoch, True, progress, 'train')
+  state, train_sums, train_wait = run_phase(stage.train_fn, state, train_loader, epoch, True, progress, 'train',
+                                            put)
   t1 = time.perf_counter()
-  _, val_sums, _ = run_phase(stage.eval_fn, state, val_loader, epoch, False, progress, 'val')
+  _, val_sums, _ = run_phase(stage.eval_fn, state, val_loader, epoch, False, progress, 'val', put)
   t2 = time.perf_counter()
   return state, {
       'epoch': epoch, 'stage': stage.name, 'stage_epoch': epoch - stage.first_epoch,
@@ -316,11 +404,14 @@ def _add_seconds(total: dict[str, float], more: Mapping[str, float]) -> None:
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
                        progress: bool = True, plots: bool = True, report: bool = True,
-                       log: Callable[[str], None] = print) -> TrainResult:
+                       devices: Optional[int] = None, log: Callable[[str], None] = print) -> TrainResult:
   """Trains `config`'s stages one after the other; writes checkpoints, history.json and plots to `workdir`.
 
   Each stage starts a fresh optimizer (and schedule) over the weights and BatchNorm statistics the
   previous stage left; the best val accuracy (strict >) over the whole run is kept in `best/`.
+  Batches are split over every local device (and every process of a multi-process run, see
+  tl_jax.parallel); only process 0 logs and writes history, plots and the evaluation, every
+  process writes its part of the checkpoints.
 
   Args:
     config: the recipe (see configs/*.yaml and tl_jax.config).
@@ -331,21 +422,38 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     plots: write train_batch.png, predictions.png and curves.png.
     report: evaluate the best checkpoint on the val data at the end (evaluation.json, confusion.png,
       as scripts/evaluate.py).
+    devices: use the first N local devices (default: all).
     log: receives the printed lines.
   """
+  main = parallel.is_main_process()
+  if not main:
+    log, progress = (lambda _: None), False
   run = RunDir(workdir, resume, log)
+  mesh = parallel.make_mesh(devices)
+  parallel.check_batch_size(config.data.batch_size, mesh.size, '--batch-size')
+  parallel.check_batch_size(config.data.eval_batch_size, mesh.size, '--eval-batch-size')
   for warning in recipe_warnings(config):
     log(f'warning: {warning}')
   data = load_data(config, run.path, log)
   class_names = data.classes
   weights = resolve_weights(config.model.weights, config.model.arch, progress=progress)
   transforms = make_transforms(config, weights.preprocessing)
-  train_loader, val_loader = make_loaders(config, data, transforms)
-  model = create_model(config.model.arch, len(class_names))
+  uint8 = config.data.uint8_batches is True or (config.data.uint8_batches == 'auto' and
+                                                jax.default_backend() != 'cpu')
+  train_loader, val_loader = make_loaders(config, data, transforms, uint8)
+  normalization = None
+  if uint8:
+    if (transforms.train.mean, transforms.train.std) != (transforms.val.mean, transforms.val.std):
+      raise RunError('data.uint8_batches needs the same Normalize mean/std in train and val transforms; '
+                     'set data.uint8_batches: false')
+    normalization = (transforms.train.mean, transforms.train.std)
+  model = create_model(config.model.arch, len(class_names), dtype=_DTYPES[config.model.dtype])
   variables = initial_variables(config.model.arch, len(class_names), config.seed, weights.state_dict)
   variables = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   example_train = next(iter(train_loader.epoch(0))).as_dict()
   example_val = next(iter(val_loader.epoch(0))).as_dict()
+  log(f'devices: {parallel.describe(mesh)}; batches of {config.data.batch_size} '
+      f'({"uint8, normalised on the device" if uint8 else "float32"}); compute {config.model.dtype}')
 
   history: list[dict] = []
   best_val_acc, best_epoch, start_epoch = -1.0, -1, 0
@@ -357,7 +465,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     saved_index, _ = config.stage_at(last)
     # The saved optimizer state has the structure of its own stage's optimizer.
     template, _ = setup_stage(config, saved_index, model, variables, len(train_loader), example_train,
-                              example_val, compiled={_stage_key(config, saved_index): (None, None)})
+                              example_val, compiled={_stage_key(config, saved_index): (None, None)}, mesh=mesh)
     restored = run.restore_state(_state_tree(template))
     variables = {'params': restored['params'], 'batch_stats': restored['batch_stats']}
     history = meta['history']
@@ -369,8 +477,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
 
   metadata = checkpoint.make_metadata(
       config.model.arch, len(class_names), weights.preprocessing.to_dict(), class_names,
-      source=weights.source, data=data.describe(), stages=[s.name for s in config.stages], val_transforms=transforms.val.to_spec(),
-      config=config.to_dict())
+      source=weights.source, data=data.describe(), stages=[s.name for s in config.stages],
+      val_transforms=transforms.val.to_spec(), config=config.to_dict())
   compiled: dict = {}
   compile_seconds: dict[str, float] = {}
   state = None
@@ -378,15 +486,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
   for index in range(config.stage_at(start_epoch)[0] if start_epoch < config.epochs else len(config.stages),
                      len(config.stages)):
     state, stage = setup_stage(config, index, model, variables, len(train_loader), example_train, example_val,
-                               compiled, opt_state, step)
+                               compiled, opt_state, step, mesh, normalization)
     opt_state, step = None, 0
     _add_seconds(compile_seconds, stage.compile_seconds)
     if any(stage.compile_seconds.values()):
       log(f'stage {stage.name}: compiled train_step in {stage.compile_seconds["train_step"]:.1f}s, '
           f'eval_step in {stage.compile_seconds["eval_step"]:.1f}s ({jax.devices()[0].platform})')
-    if plots and start_epoch == 0 and index == 0:
+    if plots and main and start_epoch == 0 and index == 0:
       from tl_jax import plots as plot_lib
-      plot_lib.save_train_batch(example_train['images'], example_train['labels'], class_names,
+      images = example_train['images']
+      images = transforms.train.finish_uint8(images) if uint8 else images
+      plot_lib.save_train_batch(images, example_train['labels'], class_names,
                                 transforms.train.mean, transforms.train.std, run.path / 'train_batch.png')
     for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
       log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
@@ -401,9 +511,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                       {**metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc']})
       run.save_epoch(epoch, _state_tree(state), {'config': config.to_dict(), 'history': history,
                                                   'best_val_acc': best_val_acc, 'best_epoch': best_epoch})
-      run.write_history({'config': config.to_dict(), 'class_names': class_names, 'data': data.describe(),
-                         'compile_seconds': compile_seconds, 'skipped_images': data.skipped,
-                         'best_val_acc': best_val_acc, 'best_epoch': best_epoch, 'epochs': history})
+      if main:
+        run.write_history({'config': config.to_dict(), 'class_names': class_names, 'data': data.describe(),
+                           'devices': parallel.describe(mesh), 'compile_seconds': compile_seconds,
+                           'skipped_images': data.skipped, 'best_val_acc': best_val_acc,
+                           'best_epoch': best_epoch, 'epochs': history})
       log('')
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
 
@@ -413,28 +525,42 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
 
   # Load the best weights, as the tutorial's model.load_state_dict(best_model_wts).
   best = run.load_best()
-  if state is None:   # resumed a finished run: nothing left to train
-    state, stage = setup_stage(config, len(config.stages) - 1, model, variables, len(train_loader),
-                               example_train, example_val, compiled)
-  state = state.replace(params=jax.device_put(best.variables['params']),
-                        batch_stats=jax.device_put(best.variables.get('batch_stats', {})))
-  if plots:
-    from tl_jax import plots as plot_lib
-    eval_fn = compiled[_stage_key(config, stage.index)][1]
-    batch = next(iter(spread_sample_loader(val_loader, 6).epoch(0)))
-    predictions = np.asarray(eval_fn(state, batch.as_dict())['predictions'])
-    shown = int(min(6, batch.mask.sum()))
-    plot_lib.save_predictions(batch.images[:shown], predictions[:shown], batch.labels[:shown], class_names,
-                              transforms.val.mean, transforms.val.std, run.path / 'predictions.png', num_images=shown)
-    plot_lib.save_curves(history, run.path / 'curves.png')
-  if report:
-    from tl_jax import evaluate
-    evaluation = evaluate.evaluate_model(
-        model, {'params': state.params, 'batch_stats': state.batch_stats}, val_loader, class_names,
-        out_dir=run.path, info={'checkpoint': str(checkpoint.resolve_model_dir(run.path)), 'arch': config.model.arch,
-                                'checkpoint_epoch': best_epoch, 'data': _val_label(data.describe()),
-                                'source': data.describe()})
-    log(f'best checkpoint (epoch {best_epoch}) on the val data: accuracy {evaluation.accuracy:.4f}; '
-        f'wrote evaluation.json and confusion.png')
+  best_variables = {'params': best.variables['params'], 'batch_stats': best.variables.get('batch_stats', {})}
+  if state is not None:
+    state = state.replace(**parallel.replicate(best_variables, mesh))
+  if main and (plots or report):
+    _final_outputs(model, best_variables, data, transforms, config, run, history, best_epoch, plots, report, log)
   run.close()
   return TrainResult(history, best_val_acc, best_epoch, compile_seconds, state, class_names, run.path)
+
+
+_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}   # None: the inputs' dtype (float32)
+
+
+def _final_outputs(model, variables: Mapping, data: Data, transforms: Transforms, config: Config, run: RunDir,
+                   history: list[dict], best_epoch: int, plots: bool, report: bool,
+                   log: Callable[[str], None]) -> None:
+  """predictions.png, curves.png and the evaluation of the best checkpoint, by process 0 alone."""
+  from tl_jax import evaluate
+  # Every val sample, in float32 on this process's first device: no collective, so the other
+  # processes need not take part.
+  val_loader = Loader(data.val.samples, transforms.val, config.data.eval_batch_size, shuffle=False,
+                      workers=config.data.workers, prefetch=config.data.prefetch, load=data.load)
+  variables = jax.device_get(variables)
+  if plots:
+    from tl_jax import plots as plot_lib
+    sample = spread_sample_loader(val_loader, 6)
+    batch = next(iter(sample.epoch(0)))
+    predictions = np.argmax(np.asarray(evaluate.make_forward(model)(variables, batch.images)), axis=-1)
+    shown = int(min(6, batch.mask.sum()))
+    plot_lib.save_predictions(batch.images[:shown], predictions[:shown], batch.labels[:shown], data.classes,
+                              transforms.val.mean, transforms.val.std, run.path / 'predictions.png',
+                              num_images=shown)
+    plot_lib.save_curves(history, run.path / 'curves.png')
+  if report:
+    evaluation = evaluate.evaluate_model(
+        model, variables, val_loader, data.classes, out_dir=run.path,
+        info={'checkpoint': str(checkpoint.resolve_model_dir(run.path)), 'arch': config.model.arch,
+              'checkpoint_epoch': best_epoch, 'data': _val_label(data.describe()), 'source': data.describe()})
+    log(f'best checkpoint (epoch {best_epoch}) on the val data: accuracy {evaluation.accuracy:.4f}; '
+        f'wrote evaluation.json and confusion.png')

@@ -57,7 +57,7 @@ def pipeline_row(pipeline: Pipeline, img: Image.Image, rng: Optional[np.random.G
 
 @dataclasses.dataclass
 class Batch:
-  images: np.ndarray   # (B, H, W, 3) float32
+  images: np.ndarray   # (B, H, W, 3) float32 (or uint8, normalised on the device)
   labels: np.ndarray   # (B,) int32
   mask: np.ndarray     # (B,) bool, False on padding rows
   indices: np.ndarray  # (B,) dataset index per row, -1 on padding
@@ -78,13 +78,23 @@ class Loader:
     workers: decode/augment threads (0: in the calling thread).
     prefetch: batches in flight ahead of the consumer.
     load: path -> PIL image (default: `load_image`, RGB).
+    process_index, process_count: in a multi-process run each process loads only its rows of
+      every global batch: rows p*B/P .. (p+1)*B/P-1 of global batch b, i.e. positions of the
+      epoch's one seeded order. A sample keeps its position, so its augmentation is the same
+      whatever the process count.
   """
 
   def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, batch_size: int,
                shuffle: bool, seed: int = 0, workers: int = 2, prefetch: int = 4,
-               load: Callable[[str], Image.Image] = load_image):
+               load: Callable[[str], Image.Image] = load_image, process_index: int = 0, process_count: int = 1):
     if not samples:
       raise ValueError('no samples to load')
+    if batch_size % process_count or not 0 <= process_index < process_count:
+      raise ValueError(f'batch size {batch_size} does not split over {process_count} processes '
+                       f'(process {process_index})')
+    self.process_index, self.process_count = process_index, process_count
+    self.local_batch_size = batch_size // process_count
+    self._row_template: Optional[np.ndarray] = None
     self.samples = list(samples)
     self.transform = transform
     self.batch_size = batch_size
@@ -110,14 +120,23 @@ class Loader:
       return pipeline_row(self.transform, self.load(path), rng)
     return self.transform(self.load(path), rng)
 
+  def _template(self) -> np.ndarray:
+    """A row's shape and dtype, for a batch with no valid row (a process's share of the last one)."""
+    if self._row_template is None:
+      self._row_template = np.zeros_like(self._example(0, 0, 0))
+    return self._row_template
+
   def _assemble(self, rows: list[np.ndarray], indices: np.ndarray) -> Batch:
-    valid = len(rows)
-    images = np.zeros((self.batch_size,) + rows[0].shape, np.float32)
+    valid, size = len(rows), self.local_batch_size
+    if rows and self._row_template is None:
+      self._row_template = np.zeros_like(rows[0])
+    template = rows[0] if rows else self._template()
+    images = np.zeros((size,) + template.shape, template.dtype)   # float32, or uint8 for the device to normalise
     images[:valid] = rows
-    labels = np.zeros(self.batch_size, np.int32)
+    labels = np.zeros(size, np.int32)
     labels[:valid] = [self.samples[i][1] for i in indices]
-    mask = np.arange(self.batch_size) < valid
-    padded_indices = np.full(self.batch_size, -1, np.int64)
+    mask = np.arange(size) < valid
+    padded_indices = np.full(size, -1, np.int64)
     padded_indices[:valid] = indices
     return Batch(images, labels, mask, padded_indices)
 
@@ -125,10 +144,11 @@ class Loader:
     """The batches of `epoch`, prepared `prefetch` batches ahead by the worker threads."""
     self.wait_seconds = 0.0
     order = self.order(epoch)
-    # A chunk is the (position in the epoch, dataset index) pairs of one batch. The pairs are
-    # listed once: listing them per chunk made the epoch's start quadratic in the data set's size.
-    pairs = list(enumerate(order.tolist()))
-    chunks = [pairs[s:s + self.batch_size] for s in range(0, len(pairs), self.batch_size)]
+    # A chunk is the (position in the epoch, dataset index) pairs of this process's rows of one batch.
+    first = self.process_index * self.local_batch_size
+    positions = list(enumerate(order))
+    chunks = [positions[s + first:s + first + self.local_batch_size]
+              for s in range(0, len(order), self.batch_size)]
 
     def assemble(chunk, rows):
       return self._assemble(rows, np.array([index for _, index in chunk], np.int64))

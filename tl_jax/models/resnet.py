@@ -16,17 +16,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.layers import BatchNorm
+from tl_jax.models import fast_conv
+from tl_jax.models.layers import BatchNorm, max_pool
 
 # torch's default init for conv weights (kaiming_normal_, fan_out, relu) as torchvision's ResNet uses.
 _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
-          dtype: Any = None) -> nn.Conv:
+          dtype: Any = None, fast_backward: bool = False) -> nn.Conv:
+  # fast_backward: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
-                 kernel_init=_conv_init, name=name, dtype=dtype)
+                 kernel_init=_conv_init, name=name, dtype=dtype,
+                 conv_general_dilated=fast_conv.conv_general_dilated if fast_backward else None)
 
 
 def torch_linear_init(fan_in: int):
@@ -49,15 +52,17 @@ class BasicBlock(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: Any = None
+  fast_backward: bool = False
   expansion = 1
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype)
+    self.conv1 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, 1, 1, dtype=self.dtype)
+    self.conv2 = _conv(self.planes, 3, 1, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn2 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes, 1, self.stride, 0, dtype=self.dtype)
+      self.downsample_conv = _conv(self.planes, 1, self.stride, 0, dtype=self.dtype,
+                                   fast_backward=self.fast_backward)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -73,17 +78,19 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: Any = None
+  fast_backward: bool = False
   expansion = 4
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 1, dtype=self.dtype)
+    self.conv1 = _conv(self.planes, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype)
+    self.conv2 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn2 = BatchNorm()
-    self.conv3 = _conv(self.planes * 4, 1, dtype=self.dtype)
+    self.conv3 = _conv(self.planes * 4, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn3 = BatchNorm()
     if self.downsample:
-      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0, dtype=self.dtype)
+      self.downsample_conv = _conv(self.planes * 4, 1, self.stride, 0, dtype=self.dtype,
+                                   fast_backward=self.fast_backward)
       self.downsample_bn = BatchNorm()
 
   def __call__(self, x, train: bool, mask=None):
@@ -129,10 +136,12 @@ class ResNet(nn.Module):
   # Compute dtype of convs and the fc (e.g. jnp.bfloat16); params, BatchNorm statistics and the
   # logits stay float32. None: the dtype of the inputs and params (float32, or float64 in tests).
   dtype: Any = None
+  # True: conv weight gradients and max-pool gradient through tl_jax's rewrites (see create_model).
+  fast_backward: bool = False
 
   def setup(self):
     spec = ARCHS[self.arch]
-    self.conv1 = _conv(64, 7, 2, 3, dtype=self.dtype)
+    self.conv1 = _conv(64, 7, 2, 3, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
     in_planes = 64
     for stage, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), spec.stage_sizes), start=1):
@@ -140,7 +149,8 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         stride = 2 if (stage > 1 and index == 0) else 1
         needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
-        blocks.append(spec.block_cls(planes, stride, needs_downsample, self.dtype, name=f'layer{stage}_{index}'))
+        blocks.append(spec.block_cls(planes, stride, needs_downsample, self.dtype, self.fast_backward,
+                                     name=f'layer{stage}_{index}'))
         in_planes = planes * spec.block_cls.expansion
       setattr(self, f'layer{stage}', blocks)
     self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
@@ -153,8 +163,11 @@ class ResNet(nn.Module):
     With `return_stages`, also returns {'stem', 'layer1'..'layer4'} activations (NHWC)."""
     stages = {}
     x = nn.relu(self.bn1(self.conv1(x_bhwc), train, mask_b))
-    # torch pads max-pool input with -inf, which is what reduce_window's init value does here.
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    if self.fast_backward:
+      x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
+    else:
+      # torch pads max-pool input with -inf, which is what reduce_window's init value does here.
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     stages['stem'] = x
     for stage in range(1, 5):
       for block in getattr(self, f'layer{stage}'):
@@ -167,17 +180,24 @@ class ResNet(nn.Module):
     # The loss is computed from float32 logits whatever the compute dtype.
     return _at_least_f32(self.fc(features_bd))
 
-  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
-    return self.head(self.features(x_bhwc, train, mask_b))
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               bn_train: Optional[bool] = None) -> jax.Array:
+    # bn_train: the models' common call (VGG's `train` also drives dropout); a ResNet's train is its BN's.
+    return self.head(self.features(x_bhwc, train if bn_train is None else bn_train, mask_b))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = None) -> ResNet:
-  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype` (None: float32)."""
+def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: bool = False) -> ResNet:
+  """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype` (None: float32).
+
+  `fast_backward=True` computes conv weight gradients as matmuls (`tl_jax.models.fast_conv`)
+  and the max-pool gradient without index arrays (`layers.max_pool`): same parameters and
+  values, gradients equal in float64 (1e-12) and up to float32 rounding.
+  """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return ResNet(arch=arch, num_classes=num_classes, dtype=dtype)
+  return ResNet(arch=arch, num_classes=num_classes, dtype=dtype, fast_backward=fast_backward)
 
 
 def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:

@@ -1,0 +1,66 @@
+"""The fast-weight-gradient convolution equals lax's convolution: values and both gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from helpers import rel_err, within
+from tl_jax.models import fast_conv
+
+# (input H, W, in channels, out channels, kernel, stride, padding): every shape class ResNets
+# use (7x7/2 stem, 3x3 stride 1 and 2, 1x1 stride 1 and 2), odd sizes that leave a stride-2
+# remainder, and an asymmetric padding.
+SHAPES = [
+    (30, 30, 3, 8, (7, 7), (2, 2), ((3, 3), (3, 3))),   # space-to-depth weight gradient
+    (17, 14, 2, 5, (5, 4), (2, 2), ((2, 1), (0, 2))),   # the same, odd sizes and paddings
+    (9, 9, 5, 6, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    (9, 8, 5, 6, (3, 3), (2, 2), ((1, 1), (1, 1))),
+    (8, 8, 5, 7, (1, 1), (1, 1), ((0, 0), (0, 0))),
+    (9, 9, 5, 7, (1, 1), (2, 2), ((0, 0), (0, 0))),
+    (10, 7, 4, 3, (3, 2), (2, 1), ((0, 2), (1, 0))),
+]
+
+
+def _plain(x, w, strides, padding):
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: f'{s[4][0]}x{s[4][1]}s{s[5][0]}p{s[6][0][0]}_{s[0]}x{s[1]}')
+def test_value_and_gradients_equal_lax_conv_in_float64(shape):
+  h, w_, cin, cout, kernel, strides, padding = shape
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, h, w_, cin)))
+    w = jnp.asarray(rng.standard_normal(kernel + (cin, cout)))
+    y_ref, vjp_ref = jax.vjp(lambda a, b: _plain(a, b, strides, padding), x, w)
+    y, vjp = jax.vjp(lambda a, b: fast_conv.conv2d(a, b, strides, padding), x, w)
+    dy = jnp.asarray(rng.standard_normal(y_ref.shape))
+    (dx_ref, dw_ref), (dx, dw) = vjp_ref(dy), vjp(dy)
+    assert y.dtype == dw.dtype == jnp.float64
+    for what, ours, ref in (('value', y, y_ref), ('dx', dx, dx_ref), ('dW', dw, dw_ref)):
+      assert ours.shape == ref.shape, what
+      assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} vs lax conv (rel)'), what
+
+
+def test_is_a_drop_in_for_flax_conv_and_passes_other_convs_to_lax(monkeypatch):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 11, 11, 4), dtype=np.float32))
+  calls = []
+  real_conv2d = fast_conv.conv2d
+  monkeypatch.setattr(fast_conv, 'conv2d', lambda *a: calls.append(a[2:]) or real_conv2d(*a))
+  for kwargs, takes_fast_path in (({'strides': (2, 2), 'padding': ((1, 1), (1, 1))}, True),
+                                  ({'padding': 'SAME', 'kernel_dilation': (2, 2)}, False),
+                                  ({'padding': ((1, 1), (1, 1)), 'feature_group_count': 2}, False)):
+    calls.clear()
+    plain = nn.Conv(6, (3, 3), use_bias=False, **kwargs)
+    fast = nn.Conv(6, (3, 3), use_bias=False, conv_general_dilated=fast_conv.conv_general_dilated, **kwargs)
+    params = plain.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(fast.init(jax.random.PRNGKey(0), x)) == jax.tree_util.tree_structure(params)
+    loss = lambda m: lambda p: jnp.sum(jnp.sin(m.apply(p, x)))
+    np.testing.assert_allclose(fast.apply(params, x), plain.apply(params, x), rtol=0, atol=0)
+    g_fast, g_plain = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
+    np.testing.assert_allclose(g_fast['params']['kernel'], g_plain['params']['kernel'], rtol=1e-5, atol=1e-5)
+    assert bool(calls) == takes_fast_path, kwargs

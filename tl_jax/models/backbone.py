@@ -1,0 +1,92 @@
+"""The convolutional base of a torchvision classifier, and a model of that base under any Flax head.
+
+The material builds regressors from `nn.Sequential(*list(resnet.children())[:-1])` with its own
+`Linear(in_features, 1)` heads. `Backbone(arch)` is that base (ResNet: everything but `fc`;
+VGG: `features` + avgpool, flattened) with the parameter names of the full model, so
+`tl_jax.convert.torch_to_flax(..., base_only=True)` loads straight into it;
+`TransferModel(arch, head)` puts any Flax module on top. The head may return an array, a
+tuple or a dict.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tl_jax.models import resnet, vgg
+
+
+def model_class(arch: str) -> type[nn.Module]:
+  if arch in resnet.ARCHS:
+    return resnet.ResNet
+  if arch in vgg.ARCHS:
+    return vgg.VGG
+  raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(list(resnet.ARCHS) + list(vgg.ARCHS))}')
+
+
+def num_features(arch: str) -> int:
+  """Width of the flattened features: 512 or 2048 for ResNets, 512*7*7 for VGGs."""
+  return resnet.ARCHS[arch].num_features if arch in resnet.ARCHS else vgg.NUM_FEATURES
+
+
+class Backbone(nn.Module):
+  """Images (NHWC, normalised) -> pooled, flattened features (B, num_features(arch))."""
+  arch: str = 'resnet18'
+
+  def setup(self):
+    # The full classifier with its head never called: the head has no parameters, and sharing
+    # the scope keeps the classifier's parameter names (conv1, layer1_0, block1_conv1, ...).
+    self.net = model_class(self.arch)(arch=self.arch, num_classes=1)
+    nn.share_scope(self, self.net)
+
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
+    return self.net.features(x_bhwc, train, mask_b)
+
+
+class TransferModel(nn.Module):
+  """`Backbone(arch)` under `head`, any Flax module of the (B, num_features) features.
+
+  Parameters are {'backbone': <the classifier's names, its head aside>, 'head': <the head's>};
+  each top-level submodule of the head is a stage of its own for freezing (see `stage_tree`).
+
+  Attributes:
+    arch: backbone architecture (one of tl_jax.models.ARCHS).
+    head: the user's module; its output (array, tuple or dict) is the model's output.
+  """
+  arch: str
+  head: nn.Module
+
+  def setup(self):
+    self.backbone = Backbone(self.arch)
+
+  def features(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
+    return self.backbone(x_bhwc, train, mask_b)
+
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               bn_train: Optional[bool] = None) -> Any:
+    return self.head(self.backbone(x_bhwc, train if bn_train is None else bn_train, mask_b))
+
+
+def init_transfer_variables(model: TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,
+                            image_size: int = 32) -> dict:
+  """{'params', 'batch_stats'} of `model`: the backbone from `state_dict` (torchvision names, NumPy
+  values; its classifier layers are ignored) or random, and the head fresh from its own init.
+
+  Raises:
+    tl_jax.convert.ConversionError when `state_dict` does not fit `model.arch`'s base.
+  """
+  from tl_jax import convert   # convert imports the model modules; import here to avoid a cycle
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  fresh = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  params = dict(fresh['params'])
+  batch_stats = dict(fresh.get('batch_stats', {}))
+  if state_dict is not None:
+    reference = {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
+    loaded = convert.torch_to_flax(state_dict, model.arch, reference=reference, base_only=True)
+    params['backbone'] = loaded['params']
+    if loaded['batch_stats']:
+      batch_stats['backbone'] = loaded['batch_stats']
+  return {'params': params, 'batch_stats': batch_stats}

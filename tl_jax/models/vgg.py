@@ -1,0 +1,144 @@
+"""torchvision VGG11/13/16/19, plain and with BatchNorm, in Flax, NHWC.
+
+Top-level modules carry their stage in their name so that freezing can name them:
+`block{b}_conv{i}` / `block{b}_bn{i}` are the convs (and BNs) between max-pool b-1 and b
+(torch's `features.N`, see `tl_jax.convert`), `classifier_0` / `classifier_3` the two
+4096-wide Linear layers and `classifier_6` the last one (the head the material replaces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tl_jax.models.layers import BatchNorm
+from tl_jax.models.resnet import torch_linear_init
+
+# Output channels of each conv, one tuple per block; a max-pool ends every block (torchvision's cfgs A, B, D, E).
+_CFGS: dict[str, tuple[tuple[int, ...], ...]] = {
+    'A': ((64,), (128,), (256, 256), (512, 512), (512, 512)),
+    'B': ((64, 64), (128, 128), (256, 256), (512, 512), (512, 512)),
+    'D': ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512)),
+    'E': ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512)),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class VGGSpec:
+  cfg: str
+  batch_norm: bool
+
+  @property
+  def blocks(self) -> tuple[tuple[int, ...], ...]:
+    return _CFGS[self.cfg]
+
+
+ARCHS: dict[str, VGGSpec] = {
+    f'vgg{depth}{"_bn" if bn else ""}': VGGSpec(cfg, bn)
+    for depth, cfg in ((11, 'A'), (13, 'B'), (16, 'D'), (19, 'E')) for bn in (False, True)
+}
+
+STAGES = ('block1', 'block2', 'block3', 'block4', 'block5', 'classifier')
+POOL_SIZE = 7                      # AdaptiveAvgPool2d((7, 7))
+NUM_FEATURES = 512 * POOL_SIZE * POOL_SIZE
+HIDDEN = 4096
+DROPOUT = 0.5
+HEAD = 'classifier_6'
+
+# torchvision's VGG init: convs kaiming_normal_(fan_out, relu) with zero bias, Linear N(0, 0.01) with zero bias.
+_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+_linear_init = nn.initializers.normal(0.01)
+
+
+def adaptive_pool_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) averaging weights of torch's adaptive_avg_pool: bin i covers floor(i*in/out) .. ceil((i+1)*in/out)."""
+  weights = np.zeros((out_size, in_size), np.float32)
+  for i in range(out_size):
+    start, end = (i * in_size) // out_size, -((-(i + 1) * in_size) // out_size)
+    weights[i, start:end] = 1.0 / (end - start)
+  return weights
+
+
+def adaptive_avg_pool(x_bhwc: jax.Array, out_size: int) -> jax.Array:
+  """torch's AdaptiveAvgPool2d((out_size, out_size)) on NHWC; bins may overlap when the size does not divide."""
+  _, h, w, _ = x_bhwc.shape
+  if h == out_size and w == out_size:
+    return x_bhwc   # torch's bins are single pixels then: the identity (224 px inputs)
+  pool_h = jnp.asarray(adaptive_pool_matrix(h, out_size), x_bhwc.dtype)
+  pool_w = jnp.asarray(adaptive_pool_matrix(w, out_size), x_bhwc.dtype)
+  return jnp.einsum('oh,bhwc,pw->bopc', pool_h, x_bhwc, pool_w)
+
+
+class VGG(nn.Module):
+  """torchvision VGG: `features` is convs + avgpool + flatten (B, 25088), `head` the classifier.
+
+  Attributes:
+    arch: one of ARCHS.
+    num_classes: outputs of `classifier_6`.
+    dropout_rate: torch's Dropout(p) in the classifier (0.5); active only with `train=True`,
+      where it draws from the 'dropout' rng.
+  """
+  arch: str = 'vgg16'
+  num_classes: int = 1000
+  dropout_rate: float = DROPOUT
+
+  def setup(self):
+    spec = ARCHS[self.arch]
+    convs, bns = [], []
+    for b, widths in enumerate(spec.blocks, start=1):
+      # torch pads every 3x3 conv by 1 on each side; 'SAME' is the same for stride 1, written out anyway.
+      convs.append([nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
+                            bias_init=nn.initializers.zeros, name=f'block{b}_conv{i}')
+                    for i, width in enumerate(widths, start=1)])
+      bns.append([BatchNorm(name=f'block{b}_bn{i}') for i in range(1, len(widths) + 1)]
+                 if spec.batch_norm else [])
+    self.convs, self.bns = convs, bns
+    self.classifier_0 = nn.Dense(HIDDEN, kernel_init=_linear_init, bias_init=nn.initializers.zeros)
+    self.classifier_3 = nn.Dense(HIDDEN, kernel_init=_linear_init, bias_init=nn.initializers.zeros)
+    # Drawn as a fresh nn.Linear(4096, K), the layer the material puts in place of classifier[6].
+    self.classifier_6 = nn.Dense(self.num_classes, kernel_init=torch_linear_init(HIDDEN),
+                                 bias_init=torch_linear_init(HIDDEN))
+    self.dropout = nn.Dropout(self.dropout_rate)
+
+  def features(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               return_stages: bool = False) -> Any:
+    """Convolutional base: images (NHWC, normalised) -> (B, 25088) in torch's flatten order.
+
+    With `return_stages`, also returns {'block1'..'block5'} activations after each max-pool (NHWC)."""
+    stages = {}
+    x = x_bhwc
+    for b, (convs, bns) in enumerate(zip(self.convs, self.bns), start=1):
+      for i, conv in enumerate(convs):
+        x = conv(x)
+        if bns:
+          x = bns[i](x, train, mask_b)
+        x = nn.relu(x)
+      # Even inputs never need padding here; an odd size drops the last row/column as torch's floor does.
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      stages[f'block{b}'] = x
+    x = adaptive_avg_pool(x, POOL_SIZE)
+    # torch flattens (C, H, W): transposing here keeps classifier_0's kernel a plain transpose of
+    # torch's weight, so converted weights and any Flax head see the same feature order as torch.
+    flat = jnp.transpose(x, (0, 3, 1, 2)).reshape((x.shape[0], -1))
+    return (flat, stages) if return_stages else flat
+
+  def head(self, features_bd: jax.Array, train: bool = False) -> jax.Array:
+    """torch's classifier: Linear-ReLU-Dropout-Linear-ReLU-Dropout-Linear."""
+    x = self.dropout(nn.relu(self.classifier_0(features_bd)), deterministic=not train)
+    x = self.dropout(nn.relu(self.classifier_3(x)), deterministic=not train)
+    return self.classifier_6(x)
+
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               bn_train: Optional[bool] = None) -> jax.Array:
+    """Logits. `train` turns on dropout and (unless `bn_train` says otherwise) train-mode BatchNorm."""
+    bn_train = train if bn_train is None else bn_train
+    return self.head(self.features(x_bhwc, bn_train, mask_b), train)
+
+
+def block_sizes(arch: str) -> Sequence[int]:
+  return tuple(len(widths) for widths in ARCHS[arch].blocks)
