@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tl_jax.data.loader import Loader
+from tl_jax.data import augment
+from tl_jax.data.loader import Loader, pipeline_row
 
 
 def _samples(n):
@@ -103,3 +104,50 @@ def test_decode_errors_surface_in_the_consumer():
   loader = Loader(_samples(3), _transform, 2, True, workers=2, load=broken)
   with pytest.raises(ValueError, match='cannot read img'):
     list(loader.epoch(0))
+
+
+def test_a_large_epoch_starts_without_listing_the_order_per_batch():
+  # 5,000 batches of 4 out of 20,000 samples: listing the whole order once per batch took minutes
+  # (1e8 pairs); once per epoch it takes milliseconds. The bound leaves room for a loaded machine.
+  loader = Loader(_samples(20_000), _transform, 4, True, workers=1, load=_fake_load)
+  start = time.perf_counter()
+  iterator = loader.epoch(0)
+  first = next(iterator)
+  iterator.close()
+  assert time.perf_counter() - start < 5.0
+  assert first.indices.tolist() == loader.order(0)[:4].tolist()
+
+
+def _photo(width, height, seed):
+  rng = np.random.default_rng(seed)
+  return Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8))
+
+
+@pytest.mark.parametrize('spec', [
+    # the tutorial's training list
+    [{'RandomResizedCrop': {'size': 24}}, {'RandomHorizontalFlip': {}}, {'ToTensor': {}},
+     {'Normalize': {'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}}],
+    # a heavy list, one mean and std for every channel
+    [{'Resize': {'size': [30, 30]}}, {'RandomCrop': {'size': 20}}, {'RandomRotation': {'degrees': 10}},
+     {'ColorJitter': {'brightness': 0.5, 'contrast': 0.5, 'saturation': 0.5, 'hue': 0.5}},
+     {'RandomGrayscale': {'p': 0.5}}, {'ToTensor': {}}, {'Normalize': {'mean': 0.5, 'std': 0.25}}],
+    # one channel out
+    [{'Resize': {'size': [12, 16]}}, {'Grayscale': {}}, {'ToTensor': {}}, {'Normalize': {'mean': [0.5], 'std': [0.3]}}],
+])
+def test_pipeline_rows_equal_the_pipeline_bit_for_bit(spec):
+  pipeline = augment.build_pipeline(spec)
+  images = {f'img{i}': _photo(37 + i, 29 + 2 * i, i) for i in range(6)}
+  loader = Loader([(k, 0) for k in images], pipeline, 4, shuffle=True, seed=1, workers=2, load=images.__getitem__)
+  for batch in loader.epoch(2):
+    for row in np.flatnonzero(batch.mask):
+      position = int(np.flatnonzero(loader.order(2) == batch.indices[row])[0])
+      expected = pipeline(images[f'img{batch.indices[row]}'], np.random.default_rng([1, 2, position]))
+      assert batch.images[row].dtype == np.float32
+      np.testing.assert_array_equal(batch.images[row], expected)
+
+
+def test_pipeline_row_keeps_the_pipelines_error_for_a_normalize_of_the_wrong_length():
+  pipeline = augment.build_pipeline([{'Grayscale': {}}, {'ToTensor': {}},
+                                     {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.2, 0.2, 0.2]}}])
+  with pytest.raises(ValueError, match='mean has 3 values but the image has 1 channels'):
+    pipeline_row(pipeline, _photo(8, 8, 0), None)
