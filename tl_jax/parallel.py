@@ -83,7 +83,7 @@ def _check_bindable(port: int) -> None:
 
 def initialize_distributed(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
                            process_id: Optional[int] = None, *, timeout_s: float = 60.0,
-                           heartbeat_timeout_s: int = 30) -> bool:
+                           heartbeat_timeout_s: int = 30, shutdown_timeout_s: int = 60) -> bool:
   """Joins a multi-process run; returns whether one was joined (False: a single process).
 
   Args:
@@ -94,6 +94,8 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
     num_processes: processes in the run.
     process_id: this process, 0..num_processes-1.
     timeout_s: how long to wait for the coordinator and the other processes.
+    shutdown_timeout_s: how long a process that ends (normally or by an error) waits for the others
+      at JAX's shutdown barrier; a process stuck in a collective with one that ended is stopped then.
     heartbeat_timeout_s: a process silent for this long is declared dead and JAX stops the others
       (JAX prints "Terminating process because the JAX distributed service detected fatal errors").
   """
@@ -104,7 +106,8 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
     if cluster is None:
       return False
     jax.distributed.initialize(initialization_timeout=int(max(timeout_s, 1)),
-                               heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+                               heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                               shutdown_timeout_seconds=int(shutdown_timeout_s))
     return True
   if len(given) != len(flags):
     missing = [k for k in flags if k not in given]
@@ -122,8 +125,16 @@ def initialize_distributed(coordinator: Optional[str] = None, num_processes: Opt
     _wait_reachable(host, port, timeout_s)
   jax.distributed.initialize(coordinator, num_processes, process_id,
                              initialization_timeout=int(max(timeout_s, 1)),
-                             heartbeat_timeout_seconds=int(heartbeat_timeout_s))
+                             heartbeat_timeout_seconds=int(heartbeat_timeout_s),
+                             shutdown_timeout_seconds=int(shutdown_timeout_s))
   return True
+
+
+def wait_for_all(name: str) -> None:
+  """Blocks until every process gets here (nothing to do in a single process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def is_main_process() -> bool:

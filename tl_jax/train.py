@@ -535,6 +535,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     state = state.replace(**parallel.replicate(best_variables, mesh))
   if main and (plots or report):
     _final_outputs(model, best_variables, data, transforms, config, run, history, best_epoch, plots, report, log)
+  # The others wait for process 0's figures and evaluation, so that no process reaches JAX's
+  # shutdown barrier long before the rest.
+  parallel.wait_for_all('tl_jax: run finished')
   run.close()
   return TrainResult(history, best_val_acc, best_epoch, compile_seconds, state, class_names, run.path)
 

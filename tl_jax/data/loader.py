@@ -132,7 +132,8 @@ class Loader:
       self._row_template = np.zeros_like(rows[0])
     template = rows[0] if rows else self._template()
     images = np.zeros((size,) + template.shape, template.dtype)   # float32, or uint8 for the device to normalise
-    images[:valid] = rows
+    if rows:   # a process's share of the last batch may be all padding
+      images[:valid] = rows
     labels = np.zeros(size, np.int32)
     labels[:valid] = [self.samples[i][1] for i in indices]
     mask = np.arange(size) < valid
