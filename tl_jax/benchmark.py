@@ -320,3 +320,42 @@ def summary_table(report: dict) -> list[str]:
                  f"{_fmt(ratio):>12} {_fmt(compile_s, 1):>9} "
                  f"{_fmt(100 * ours.get('data_wait_fraction', float('nan')), 1):>8}%")
   return lines
+
+
+def step_time_and_memory(arch: str = 'vgg16', batch_size: int = 32, strategy: str = 'finetune',
+                         image_size: int = 224, steps: int = 3, num_classes: int = 4) -> dict:
+  """Seconds per jitted train step (state donated) and this process's peak RSS, for one arch and batch.
+
+  Peak RSS covers everything this process allocated (params, optimizer state, activations and the
+  compiler), which on CPU is the memory a run of this shape needs.
+  """
+  import functools
+  import resource
+  import jax
+  import numpy as np
+  from tl_jax import optim
+  from tl_jax.models import create_model, init_variables
+  from tl_jax.train import TrainState, train_step
+  model = create_model(arch, num_classes)
+  variables = init_variables(model, jax.random.PRNGKey(0), 32)
+  tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 0.001)
+  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                            batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(1))
+  del variables
+  step = jax.jit(functools.partial(train_step, model=model, bn_train=True,
+                                   trainable=optim.trainable_mask(state.params, strategy)), donate_argnums=0)
+  rng = np.random.default_rng(0)
+  batch = {'images': rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32),
+           'labels': rng.integers(0, num_classes, batch_size).astype(np.int32), 'mask': np.ones(batch_size, bool)}
+  start = time.perf_counter()
+  step = step.lower(state, batch).compile()
+  compile_seconds = time.perf_counter() - start
+  times = []
+  for _ in range(steps + 1):   # the first step warms up
+    start = time.perf_counter()
+    state, sums = step(state, batch)
+    jax.block_until_ready(sums)
+    times.append(time.perf_counter() - start)
+  return {'arch': arch, 'batch_size': batch_size, 'strategy': strategy, 'image_size': image_size,
+          'compile_seconds': compile_seconds, 'step_seconds': sorted(times[1:])[len(times[1:]) // 2],
+          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
