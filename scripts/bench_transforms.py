@@ -25,18 +25,10 @@ import numpy as np
 from PIL import Image
 
 from tl_jax.data import augment
+from tl_jax.data.bench import MATERIAL_TRAIN as FULL_TRAIN, MATERIAL_VAL as FULL_VAL
 from tl_jax.data.folder import ImageFolder, load_image
 from tl_jax.data.loader import Loader
 from tl_jax.weights import Preprocessing
-
-FULL_TRAIN = [
-    {'Resize': {'size': [244, 244]}}, {'RandomCrop': {'size': 192}}, {'RandomHorizontalFlip': {}},
-    {'RandomRotation': {'degrees': 0.2}}, {'ColorJitter': {'brightness': 0.5}}, {'ColorJitter': {'contrast': 0.5}},
-    {'ColorJitter': {'saturation': 0.5}}, {'ColorJitter': {'hue': 0.5}}, {'RandomGrayscale': {'p': 0.5}},
-    {'ToTensor': {}}, {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}},
-]
-FULL_VAL = [{'Resize': {'size': [96, 96]}}, {'ToTensor': {}},
-            {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}}]
 
 
 def torchvision_compose(spec):

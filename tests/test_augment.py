@@ -13,19 +13,12 @@ from PIL import Image
 from helpers import data_root, require_data, within
 from tl_jax.data import augment as A
 from tl_jax.data import transforms as T
+# The material's augmentation list and its val list.
+from tl_jax.data.bench import MATERIAL_TRAIN as FULL_TRAIN, MATERIAL_VAL as FULL_VAL
 from tl_jax.data.folder import ImageFolder
 from tl_jax.data.loader import Loader
 from tl_jax.weights import Preprocessing
 
-# The material's augmentation list and its val list.
-FULL_TRAIN = [
-    {'Resize': {'size': [244, 244]}}, {'RandomCrop': {'size': 192}}, {'RandomHorizontalFlip': {}},
-    {'RandomRotation': {'degrees': 0.2}}, {'ColorJitter': {'brightness': 0.5}}, {'ColorJitter': {'contrast': 0.5}},
-    {'ColorJitter': {'saturation': 0.5}}, {'ColorJitter': {'hue': 0.5}}, {'RandomGrayscale': {'p': 0.5}},
-    {'ToTensor': {}}, {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}},
-]
-FULL_VAL = [{'Resize': {'size': [96, 96]}}, {'ToTensor': {}},
-            {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}}]
 TAIL = [{'ToTensor': {}}, {'Normalize': {'mean': [0.5], 'std': [0.25]}}]
 
 SIZES = [(301, 200), (97, 61), (255, 257), (40, 1000), (7, 9)]  # PIL (width, height)

@@ -146,14 +146,10 @@ class Adam(_Strict):
   amsgrad: bool = False
 
 
-class AdamW(_Strict):
-  """torch.optim.AdamW's arguments and defaults (decoupled weight decay)."""
+class AdamW(Adam):
+  """torch.optim.AdamW: Adam's arguments, with decoupled weight decay defaulting to 0.01."""
   name: Literal['adamw']
-  lr: Annotated[Float, Field(gt=0)] = 0.001
-  betas: Betas = (0.9, 0.999)
-  eps: NonNegative = 1e-8
   weight_decay: NonNegative = 0.01
-  amsgrad: bool = False
 
 
 OptimizerConfig = Annotated[Union[SGD, Adam, AdamW], Field(discriminator='name')]

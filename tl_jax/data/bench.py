@@ -44,6 +44,15 @@ HEAVY = [
     {'RandomGrayscale': {'p': 0.5}}, {'ToTensor': {}}, {'Normalize': {'mean': [0.5] * 3, 'std': [0.5] * 3}},
 ]
 LISTS = {'tutorial': TUTORIAL, 'heavy': HEAVY}
+# The material's VGG recipe: its train augmentation list and its val list (configs/vgg16_classifier.yaml).
+MATERIAL_TRAIN = [
+    {'Resize': {'size': [244, 244]}}, {'RandomCrop': {'size': 192}}, {'RandomHorizontalFlip': {}},
+    {'RandomRotation': {'degrees': 0.2}}, {'ColorJitter': {'brightness': 0.5}}, {'ColorJitter': {'contrast': 0.5}},
+    {'ColorJitter': {'saturation': 0.5}}, {'ColorJitter': {'hue': 0.5}}, {'RandomGrayscale': {'p': 0.5}},
+    {'ToTensor': {}}, {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}},
+]
+MATERIAL_VAL = [{'Resize': {'size': [96, 96]}}, {'ToTensor': {}},
+                {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.5, 0.5, 0.5]}}]
 FRAMEWORKS = ('tl_jax', 'torchvision', 'grain')
 
 
