@@ -68,7 +68,6 @@ def setup(strategy):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import optax
   from tl_jax import optim
   from tl_jax.models import create_model, init_variables
   from tl_jax.train import TrainState
@@ -81,7 +80,7 @@ def setup(strategy):
       lambda path, x: rng.uniform(-0.2, 0.2, x.shape) if 'mean' in jax.tree_util.keystr(path)
       else rng.uniform(0.5, 1.5, x.shape), stats)
   variables = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables)
-  tx = optim.make_optimizer(variables['params'], strategy, optax.constant_schedule(LR), 0.9)
+  tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, LR)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                             batch_stats=variables['batch_stats'])
   images = rng.standard_normal((NUM_SAMPLES, SIZE, SIZE, 3))

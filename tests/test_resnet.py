@@ -204,13 +204,12 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
 def test_bfloat16_training_lowers_the_loss():
   import functools
 
-  import optax
 
   from tl_jax import optim
   from tl_jax.train import TrainState, train_step
   model = create_model('resnet18', 2, dtype=jnp.bfloat16)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
-  tx = optim.make_optimizer(variables['params'], 'finetune', optax.constant_schedule(0.01))
+  tx = optim.make_optimizer(variables['params'], 'finetune', {'name': 'sgd'}, 0.01)
   state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                             batch_stats=variables['batch_stats'])
   rng = np.random.default_rng(0)

@@ -179,7 +179,7 @@ def test_five_sgd_steps_match_pytorch_in_float64(strategy):
   model = VGG(arch, 2, dropout_rate=0.0)
   with jax.enable_x64(True):
     variables = torch_to_flax(initial, arch)
-    tx = optim.make_optimizer(variables['params'], strategy, lr, momentum=0.9)
+    tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, lr)
     state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                               batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(0))
     trainable = optim.trainable_mask(state.params, strategy)

@@ -342,7 +342,6 @@ def time_train_step(arch: str = 'resnet18', batch_size: int = 256, dtype: str = 
   changes affects all alike. Returns one row per configuration with the best and median round.
   """
   import jax.numpy as jnp
-  import optax
 
   from tl_jax import optim
   from tl_jax.models import create_model, init_variables
@@ -358,7 +357,7 @@ def time_train_step(arch: str = 'resnet18', batch_size: int = 256, dtype: str = 
   for count in device_counts:
     mesh = make_mesh(count)
     check_batch_size(batch_size, mesh.size, 'batch size')
-    tx = optim.make_optimizer(variables['params'], strategy, optax.constant_schedule(1e-3), 0.9)
+    tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 1e-3)
     state = replicate(TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
                                         batch_stats=variables['batch_stats']), mesh)
     step = jit_train_step(train_step, mesh, model=model, trainable=optim.trainable_mask(variables['params'], strategy),
