@@ -204,8 +204,12 @@ def test_first_sgd_steps_match_pytorch_in_float32(augmented, strategy):
   variables = torch_to_flax(state_dict_numpy(tmodel), 'resnet18')
   torch_losses = _torch_run(tmodel, strategy, 'train', torch_images, labels)
   losses, _, _ = _jax_run(variables, strategy, 'train', ours_images, labels)
-  assert within(np.max(np.abs(np.subtract(losses[:2], torch_losses[:2]))), 'train_loss_abs',
-                f'first 2 SGD steps float32 {strategy}: loss (abs)'), (losses, torch_losses)
+  # The first loss is the forward pass alone; the second follows one update made from float32
+  # gradients, so it inherits their rounding (held to grad_rel by the gradient parity tests).
+  assert within(abs(losses[0] - torch_losses[0]), 'train_loss_abs',
+                f'first SGD step float32 {strategy}: loss (abs)'), (losses, torch_losses)
+  assert within(abs(losses[1] - torch_losses[1]), 'train_loss_abs_step2',
+                f'second SGD step float32 {strategy}: loss (abs)'), (losses, torch_losses)
 
 
 def test_prediction_figure_samples_span_every_class_in_the_val_batch_shape():
