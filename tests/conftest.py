@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -24,3 +25,23 @@ def pytest_terminal_summary(terminalreporter):
   width = max(len(what) for what, _ in worst)
   for (what, tol_key), (err, test_id) in sorted(worst.items()):
     write(f'{what:<{width}}  {err:.3e}  <= {TOL[tol_key]:.0e} ({tol_key})  {test_id}')
+
+
+# torch and torchvision for the transform parity tests; they skip cleanly where torch is missing.
+@pytest.fixture(scope='module')
+def torch():
+  return pytest.importorskip('torch')
+
+
+@pytest.fixture(scope='module')
+def tvt(torch):
+  pytest.importorskip('torchvision')
+  from torchvision import transforms
+  return transforms
+
+
+@pytest.fixture(scope='module')
+def tvf(torch):
+  pytest.importorskip('torchvision')
+  from torchvision.transforms import functional
+  return functional

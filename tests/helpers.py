@@ -97,3 +97,26 @@ def state_dict_numpy(model) -> dict[str, np.ndarray]:
 
 def nchw_to_nhwc(x: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+
+
+class TorchDraws:
+  """Stands in for the numpy Generator, drawing torch's numbers the way torchvision's transforms do.
+
+  With torch seeded as torchvision's transform would be, our sampler sees the same random numbers,
+  so it must return the parameters torchvision used.
+  """
+
+  def __init__(self, torch):
+    self.torch = torch
+
+  def uniform(self, low, high):
+    return self.torch.empty(1).uniform_(low, high).item()
+
+  def integers(self, low, high):
+    return int(self.torch.randint(low, high, size=(1,)).item())
+
+  def random(self):
+    return self.torch.rand(1).item()
+
+  def permutation(self, n):
+    return self.torch.randperm(n).tolist()

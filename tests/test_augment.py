@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import data_root, require_data, within
+from helpers import TorchDraws, data_root, require_data, within
 from tl_jax.data import augment as A
 from tl_jax.data import transforms as T
 # The material's augmentation list and its val list.
@@ -22,48 +22,6 @@ from tl_jax.weights import Preprocessing
 TAIL = [{'ToTensor': {}}, {'Normalize': {'mean': [0.5], 'std': [0.25]}}]
 
 SIZES = [(301, 200), (97, 61), (255, 257), (40, 1000), (7, 9)]  # PIL (width, height)
-
-
-@pytest.fixture(scope='module')
-def torch():
-  return pytest.importorskip('torch')
-
-
-@pytest.fixture(scope='module')
-def tvt(torch):
-  pytest.importorskip('torchvision')
-  from torchvision import transforms
-  return transforms
-
-
-@pytest.fixture(scope='module')
-def tvf(torch):
-  pytest.importorskip('torchvision')
-  from torchvision.transforms import functional
-  return functional
-
-
-class TorchDraws:
-  """Stands in for the numpy Generator, drawing torch's numbers the way torchvision's transforms do.
-
-  With torch seeded as torchvision's transform would be, our sampler sees the same random numbers,
-  so it must return the parameters torchvision used.
-  """
-
-  def __init__(self, torch):
-    self.torch = torch
-
-  def uniform(self, low, high):
-    return self.torch.empty(1).uniform_(low, high).item()
-
-  def integers(self, low, high):
-    return int(self.torch.randint(low, high, size=(1,)).item())
-
-  def random(self):
-    return self.torch.rand(1).item()
-
-  def permutation(self, n):
-    return self.torch.randperm(n).tolist()
 
 
 def _make_image(width: int, height: int, seed: int, mode: str = 'RGB') -> Image.Image:

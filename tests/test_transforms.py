@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TOL, require_data, within
+from helpers import TOL, TorchDraws, require_data, within
 from tl_jax.data import transforms as T
 
 ODD_SIZES = [(1, 1), (3, 5), (5, 3), (1000, 7), (7, 1000), (2, 300), (224, 224), (255, 257), (301, 200),
@@ -20,45 +20,6 @@ MODES = ['RGB', 'L', 'RGBA', 'P', 'CMYK', '1', 'LA', 'F']
 REAL_ODD_NAMES = {'36900412_92b81831ad.jpg', 'hormiga_co_por.jpg', 'ant photos.jpg', '662541407_ff8db781e7.jpg',
                   'Ant_1.jpg', 'formica.jpeg', 'trap-jaw-ant-insect-bg.jpg', 'army-ants-red-picture.jpg',
                   'Ant-1818.jpg', '854534770_31f6156383.jpg'}
-
-
-@pytest.fixture(scope='module')
-def torch():
-  return pytest.importorskip('torch')
-
-
-@pytest.fixture(scope='module')
-def tvf(torch):
-  pytest.importorskip('torchvision')
-  from torchvision.transforms import functional
-  return functional
-
-
-@pytest.fixture(scope='module')
-def tvt(torch):
-  pytest.importorskip('torchvision')
-  from torchvision import transforms
-  return transforms
-
-
-class TorchDraws:
-  """Stands in for the numpy Generator in our samplers, drawing torch's numbers in torchvision's way.
-
-  With torch seeded as torchvision's transform would be, our sampler then sees the same random
-  numbers, so its output must be the same parameters.
-  """
-
-  def __init__(self, torch):
-    self.torch = torch
-
-  def uniform(self, low, high):
-    return self.torch.empty(1).uniform_(low, high).item()
-
-  def integers(self, low, high):
-    return int(self.torch.randint(low, high, size=(1,)).item())
-
-  def random(self):
-    return self.torch.rand(1).item()
 
 
 def _make_image(mode: str, width: int, height: int, seed: int) -> Image.Image:
