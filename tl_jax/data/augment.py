@@ -242,7 +242,8 @@ class RandomResizedCrop(Op):
     return F.resized_crop(img, params, self.size, F.INTERPOLATIONS[self.interpolation])
 
 
-class RandomHorizontalFlip(Op):
+class _Coin(Op):
+  """An op applied with probability p: torchvision draws torch.rand(1) < p."""
   random: ClassVar[bool] = True
   p: Number = Field(0.5, description=_PROB)
 
@@ -251,6 +252,9 @@ class RandomHorizontalFlip(Op):
 
   def sample(self, rng, width, height):
     return bool(rng.random() < self.p)
+
+
+class RandomHorizontalFlip(_Coin):
 
   def apply(self, img, params):
     return F.hflip(img) if params else img
@@ -360,15 +364,8 @@ class ColorJitter(Op):
     return img
 
 
-class RandomGrayscale(Op):
-  random: ClassVar[bool] = True
+class RandomGrayscale(_Coin):
   p: Number = Field(0.1, description=_PROB)
-
-  def check(self):
-    _check_p(self.p)
-
-  def sample(self, rng, width, height):
-    return bool(rng.random() < self.p)
 
   def apply(self, img, params):
     # As many output channels as the input has (3 for RGB).
