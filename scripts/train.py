@@ -46,6 +46,9 @@ def parse_args():
                       help='every stage: train = BN uses batch statistics while training (the tutorial); '
                            'frozen = eval-mode BN')
   parser.add_argument('--workers', type=int, help='data loading threads')
+  parser.add_argument('--no-cache-features', dest='cache_features', action='store_false', default=None,
+                      help='compute a frozen backbone\'s features every epoch (default: once per stage where '
+                      'they cannot change: backbone frozen, bn frozen or no BatchNorm)')
   parser.add_argument('--skip-bad-images', action='store_true', default=None,
                       help='warn about and drop unreadable images instead of stopping')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'],
@@ -81,7 +84,8 @@ def main() -> int:
   overrides = {'epochs': epochs, 'lr': lr, 'bn': args.bn, 'data': args.data, 'weights': args.weights,
                'arch': args.arch, 'batch_size': args.batch_size, 'eval_batch_size': args.eval_batch_size,
                'seed': args.seed, 'workers': args.workers, 'skip_bad_images': args.skip_bad_images,
-               'trainable': args.trainable, 'dtype': args.dtype, 'tfds_data_dir': args.tfds_data_dir, 'tfds_download': args.tfds_download}
+               'trainable': args.trainable, 'dtype': args.dtype, 'tfds_data_dir': args.tfds_data_dir, 'tfds_download': args.tfds_download,
+               'cache_features': args.cache_features}
   given = {k: v for k, v in overrides.items() if v is not None}
   config = config_lib.validate(config_lib.apply_overrides(values, given),
                                f' in {path}' + (' with the command-line flags' if given else ''))

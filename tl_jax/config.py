@@ -89,6 +89,8 @@ class DataConfig(_Strict):
   tfds_download: bool = False
   val_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.2   # single-folder data: seeded stratified split
   cache_decoded: Union[bool, Literal['auto']] = 'auto'
+  # A frozen backbone with fixed BatchNorm computes its features once per stage (tl_jax.feature_cache).
+  cache_features: bool = True
   # uint8 batches, normalised on the device: 4x fewer bytes to move; auto = on an accelerator.
   uint8_batches: Union[bool, Literal['auto']] = 'auto'
   workers: Annotated[int, Field(ge=0)] = 2     # decode/augment threads
@@ -292,7 +294,7 @@ class Config(_Strict):
 
 # The keys of a run that may change on --resume: how the data is fed, not what is computed.
 RUNTIME_KEYS = ('data.workers', 'data.prefetch', 'data.tfds_download', 'data.cache_decoded', 'data.tfds_data_dir',
-                'data.uint8_batches', 'data.eval_batch_size')
+                'data.uint8_batches', 'data.eval_batch_size', 'data.cache_features')
 
 
 # ------------------------------------------------------------------------------- loading
@@ -448,7 +450,7 @@ STAGE_FLAGS = ('epochs', 'lr', 'bn')
 SECTION_FLAGS = {'arch': 'model', 'weights': 'model', 'dtype': 'model',
                  'data': 'data', 'batch_size': 'data', 'eval_batch_size': 'data', 'workers': 'data',
                  'skip_bad_images': 'data', 'tfds_data_dir': 'data', 'tfds_download': 'data',
-                 'cache_decoded': 'data', 'uint8_batches': 'data', 'seed': None}
+                 'cache_decoded': 'data', 'cache_features': 'data', 'uint8_batches': 'data', 'seed': None}
 
 
 def apply_overrides(values: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -559,6 +561,7 @@ class TutorialRecipe:
   bn: str = 'train'
   seed: int = 0
   workers: int = 2
+  cache_features: bool = True       # tl_jax.feature_cache, where valid (bn: frozen)
 
   def to_config(self) -> Config:
     """The same recipe as a (validated) Config."""
@@ -567,7 +570,7 @@ class TutorialRecipe:
     return validate({
         'model': {'arch': self.arch, 'weights': self.weights},
         'data': {'path': self.data, 'batch_size': self.batch_size, 'eval_batch_size': self.eval_batch_size,
-                 'workers': self.workers},
+                 'workers': self.workers, 'cache_features': self.cache_features},
         'stages': [{'name': 'head' if self.strategy == 'frozen' else 'finetune', 'epochs': self.epochs,
                     'trainable': ['head'] if self.strategy == 'frozen' else 'all', 'bn': self.bn,
                     'optimizer': {'name': 'sgd', 'lr': self.lr, 'momentum': self.momentum},

@@ -22,7 +22,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from tl_jax import checkpoint, losses, optim, parallel
+from tl_jax import checkpoint, feature_cache, losses, optim, parallel
 from tl_jax.config import Config, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data import on_device, sources
@@ -89,7 +89,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   Args:
     state: params, batch_stats ({} for models without BatchNorm), optimizer state, dropout rng.
     batch: 'images' (B, H, W, 3), 'mask' (B,) with False on padding rows, and what `loss`
-      reads ('labels' (B,) for cross-entropy, 'targets' for regression).
+      reads ('labels' (B,) for cross-entropy, 'targets' for regression). With 'features' (B, F)
+      in place of 'images' (tl_jax.feature_cache), only the model's `from_features` runs.
     model: a ResNet, VGG or TransferModel.
     trainable: module -> learns (`optim.trainable_mask`: a bool per top-level module, or a
       nested dict of them). Only those are differentiated, so no backward pass runs through a
@@ -99,15 +100,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
       either way, as torch's model.train() with only the BN modules put in eval().
     loss: (outputs, batch) -> masked sums with 'loss_sum' and 'count' (see tl_jax.losses).
   """
-  images, mask = batch['images'], batch['mask']
   learned, fixed = _split(state.params, trainable)
   batch_stats = state.batch_stats if state.batch_stats is not None else {}
 
   def loss_fn(learned_params):
     variables = {'params': _merge(fixed, learned_params), 'batch_stats': batch_stats}
-    outputs, updates = model.apply(variables, images, train=True, bn_train=bn_train, mask_b=mask,
-                                   mutable=['batch_stats'] if bn_train else [],
-                                   rngs={'dropout': dropout_key(state)})
+    if 'features' in batch:   # cached backbone features (tl_jax.feature_cache): the backbone is fixed
+      outputs, updates = model.apply(variables, batch['features'], train=True, method='from_features',
+                                     mutable=[], rngs={'dropout': dropout_key(state)})
+    else:
+      outputs, updates = model.apply(variables, batch['images'], train=True, bn_train=bn_train,
+                                     mask_b=batch['mask'], mutable=['batch_stats'] if bn_train else [],
+                                     rngs={'dropout': dropout_key(state)})
     sums = loss(outputs, batch)
     return sums['loss_sum'] / sums['count'], (sums, updates.get('batch_stats', batch_stats))
 
@@ -121,12 +125,16 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
 
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
               loss: losses.Loss = losses.cross_entropy) -> dict:
-  """Eval-mode forward; masked sums of the loss (and correct predictions) and count.
+  """Eval-mode forward (of 'images', or of cached 'features'); masked sums of the loss (and correct
+  predictions) and count.
 
   Classification adds 'predictions' (argmax); other heads' outputs are returned as 'outputs'.
   """
   variables = {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
-  outputs = model.apply(variables, batch['images'], train=False)
+  if 'features' in batch:   # cached backbone features (tl_jax.feature_cache)
+    outputs = model.apply(variables, batch['features'], train=False, method='from_features')
+  else:
+    outputs = model.apply(variables, batch['images'], train=False)
   sums = loss(outputs, batch)
   if 'correct' in sums:
     return {**sums, 'predictions': jnp.argmax(outputs, axis=-1)}
@@ -263,18 +271,21 @@ def _stage_key(config: Config, index: int) -> tuple:
 def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per_epoch: int,
                 example_train: Mapping, example_val: Mapping, compiled: Optional[dict] = None,
                 opt_state: Any = None, step: int = 0, mesh: Optional[Mesh] = None,
-                normalization: Optional[tuple] = None) -> tuple[TrainState, Stage]:
+                normalization: Optional[tuple] = None, compile_steps: bool = True) -> tuple[TrainState, Stage]:
   """A fresh optimizer for stage `index` over `variables` (as constructing a new torch optimizer does).
 
   Args:
     variables: {'params', 'batch_stats'} carried over from the previous stage.
-    example_train, example_val: a batch of each phase, for compiling ahead of time.
+    example_train, example_val: a batch of each phase, for compiling ahead of time (of images,
+      or of cached features: tl_jax.feature_cache.example_batch).
     compiled: cache of compiled steps shared between stages; a stage equal to an earlier one in
       trainable set, BN policy, optimizer and schedule reuses its steps instead of compiling again.
     opt_state, step: a restored optimizer state and step within the stage (resume).
     mesh: the devices (tl_jax.parallel): the state is replicated on each, batches split over
       them; default: the first device.
     normalization: (mean, std) when batches come as uint8 and are normalised on the device.
+    compile_steps: False builds the state alone (the stage's steps are None), e.g. as the
+      structure to restore a checkpoint into.
   """
   mesh = parallel.make_mesh(1) if mesh is None else mesh
   stage_config = config.stages[index]
@@ -289,9 +300,12 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
   # Committed to the mesh before the first call: a state with another sharding would compile again.
   state = parallel.replicate(state, mesh)
   compiled = {} if compiled is None else compiled
-  key = _stage_key(config, index)
+  # Feature batches (tl_jax.feature_cache) and image batches need steps of their own.
+  key = _stage_key(config, index) + (tuple(sorted(example_train)), tuple(sorted(example_val)))
   seconds = {'train_step': 0.0, 'eval_step': 0.0}
-  if key not in compiled:
+  if not compile_steps:
+    compiled = {key: (None, None)}
+  elif key not in compiled:
     trainable = optim.trainable_mask(state.params, config.trainable_stages(index))
     train, evaluate = train_step, eval_step
     if normalization is not None:
@@ -306,6 +320,37 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
   first_epoch = sum(s.epochs for s in config.stages[:index])
   return state, Stage(index, stage_config.name, first_epoch, stage_config.epochs, stage_lrs(config, index),
                       train_fn, eval_fn, seconds, mesh)
+
+
+def feature_plan(config: Config, index: int, train_deterministic: bool) -> feature_cache.Plan:
+  """Which phases of stage `index` read cached backbone features (tl_jax.feature_cache)."""
+  return feature_cache.plan(config.model.arch, config.trainable_stages(index), config.stages[index].bn,
+                            train_deterministic, config.data.cache_features, jax.process_count())
+
+
+def _num_features(model, variables: Mapping, example: Mapping) -> int:
+  shape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, method='features'), dict(variables),
+                         jax.ShapeDtypeStruct(example['images'].shape, jnp.float32))
+  return int(shape.shape[-1])
+
+
+def cached_loaders(plan: feature_cache.Plan, model, state: TrainState, stage: Stage, train_loader: Loader,
+                   val_loader: Loader, compiled: dict, normalization: Optional[tuple] = None) -> tuple:
+  """The stage's (train, val) loaders: a phase `plan` caches reads features computed now, from `state`."""
+  if not plan.any:
+    return train_loader, val_loader
+  if ('features', stage.mesh) not in compiled:
+    fn = feature_cache.features_step
+    if normalization is not None:
+      fn = on_device.normalizing_step(fn, *normalization)
+    compiled[('features', stage.mesh)] = parallel.jit_eval_step(fn, stage.mesh, model=model)
+  fn = compiled[('features', stage.mesh)]
+  put = functools.partial(parallel.shard_batch, mesh=stage.mesh)
+  if plan.train:
+    train_loader = feature_cache.FeatureLoader(train_loader, feature_cache.extract(fn, state, train_loader, put))
+  if plan.val:
+    val_loader = feature_cache.FeatureLoader(val_loader, feature_cache.extract(fn, state, val_loader, put))
+  return train_loader, val_loader
 
 
 # ---------------------------------------------------------------------------------- loop
@@ -356,8 +401,12 @@ def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress:
 
 
 def run_epoch(stage: Stage, state: TrainState, train_loader: Loader, val_loader: Loader, epoch: int,
-              progress: bool = False) -> tuple[TrainState, dict]:
-  """A train phase and a val phase of global `epoch`; returns the new state and the history row."""
+              progress: bool = False, feature_seconds: float = 0.0) -> tuple[TrainState, dict]:
+  """A train phase and a val phase of global `epoch`; returns the new state and the history row.
+
+  The loaders may give cached features instead of images (tl_jax.feature_cache.FeatureLoader);
+  `feature_seconds`, the time spent computing them before this epoch, goes into the row.
+  """
   put = functools.partial(parallel.shard_batch, mesh=stage.mesh)
   t0 = time.perf_counter()
   state, train_sums, train_wait = run_phase(stage.train_fn, state, train_loader, epoch, True, progress, 'train',
@@ -373,7 +422,7 @@ def run_epoch(stage: Stage, state: TrainState, train_loader: Loader, val_loader:
       'val_loss': val_sums['loss_sum'] / val_sums['count'],
       'val_acc': val_sums['correct'] / val_sums['count'],
       'train_seconds': t1 - t0, 'val_seconds': t2 - t1, 'seconds': t2 - t0,
-      'data_wait_seconds': train_wait, 'train_steps': len(train_loader),
+      'data_wait_seconds': train_wait, 'train_steps': len(train_loader), 'feature_seconds': feature_seconds,
   }
 
 
@@ -470,7 +519,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     saved_index, _ = config.stage_at(last)
     # The saved optimizer state has the structure of its own stage's optimizer.
     template, _ = setup_stage(config, saved_index, model, variables, len(train_loader), example_train,
-                              example_val, compiled={_stage_key(config, saved_index): (None, None)}, mesh=mesh)
+                              example_val, mesh=mesh, compile_steps=False)
     restored = run.restore_state(_state_tree(template))
     variables = {'params': restored['params'], 'batch_stats': restored['batch_stats']}
     history = meta['history']
@@ -490,13 +539,24 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
   run_start = time.perf_counter()
   for index in range(config.stage_at(start_epoch)[0] if start_epoch < config.epochs else len(config.stages),
                      len(config.stages)):
-    state, stage = setup_stage(config, index, model, variables, len(train_loader), example_train, example_val,
-                               compiled, opt_state, step, mesh, normalization)
+    plan = feature_plan(config, index, transforms.train.deterministic)
+    num_features = _num_features(model, variables, example_val) if plan.any else 0
+    state, stage = setup_stage(
+        config, index, model, variables, len(train_loader),
+        feature_cache.example_batch(example_train, num_features) if plan.train else example_train,
+        feature_cache.example_batch(example_val, num_features) if plan.val else example_val,
+        compiled, opt_state, step, mesh, normalization)
     opt_state, step = None, 0
     _add_seconds(compile_seconds, stage.compile_seconds)
     if any(stage.compile_seconds.values()):
       log(f'stage {stage.name}: compiled train_step in {stage.compile_seconds["train_step"]:.1f}s, '
           f'eval_step in {stage.compile_seconds["eval_step"]:.1f}s ({jax.devices()[0].platform})')
+    start = time.perf_counter()
+    stage_train, stage_val = cached_loaders(plan, model, state, stage, train_loader, val_loader, compiled,
+                                            normalization)
+    feature_seconds = time.perf_counter() - start if plan.any else 0.0
+    if not plan.backbone_learns:
+      log(f'stage {stage.name}: {plan.describe()}' + (f' ({feature_seconds:.1f}s)' if plan.any else ''))
     if plots and main and start_epoch == 0 and index == 0:
       from tl_jax import plots as plot_lib
       images = example_train['images']
@@ -506,7 +566,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
       log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
           '\n' + '-' * 10)
-      state, row = run_epoch(stage, state, train_loader, val_loader, epoch, progress)
+      state, row = run_epoch(stage, state, stage_train, stage_val, epoch, progress, feature_seconds)
+      feature_seconds = 0.0
       history.append(row)
       log(f"train Loss: {row['train_loss']:.4f} Acc: {row['train_acc']:.4f}")
       log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}")

@@ -42,8 +42,8 @@ def normalizing_step(step: Callable, mean: Sequence[float], std: Sequence[float]
 
   @functools.wraps(step)
   def wrapped(state, batch, **kwargs):
-    images = batch['images']
-    if images.dtype == jnp.uint8:
+    images = batch.get('images')   # None: a batch of cached features
+    if images is not None and images.dtype == jnp.uint8:
       batch = {**batch, 'images': normalize_uint8(images, mean, std)}
     return step(state, batch, **kwargs)
 

@@ -68,6 +68,18 @@ def arch_stages(arch: str) -> tuple[str, ...]:
   return (resnet.STAGES if arch in resnet.ARCHS else vgg.STAGES) + (HEAD,)
 
 
+def head_stages(arch: str) -> tuple[str, ...]:
+  """Stages of `arch` computed after `features` (by `from_features`): ResNet's head; VGG's classifier and head."""
+  model_class(arch)
+  return (HEAD,) if arch in resnet.ARCHS else ('classifier', HEAD)
+
+
+def features_have_batch_norm(arch: str) -> bool:
+  """Whether `features` holds BatchNorm layers (every ResNet, the VGG *_bn variants)."""
+  model_class(arch)
+  return arch in resnet.ARCHS or vgg.ARCHS[arch].batch_norm
+
+
 def stage_of(module_name: str) -> str:
   """Stage of a top-level module of a ResNet or VGG.
 
@@ -124,5 +136,5 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
 
 
 __all__ = ['ARCHS', 'STAGES', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
-           'create_model', 'head_name', 'init_transfer_variables', 'init_variables', 'num_features',
+           'create_model', 'features_have_batch_norm', 'head_name', 'head_stages', 'init_transfer_variables', 'init_variables', 'num_features',
            'stage_groups', 'stage_of', 'stage_tree']

@@ -65,6 +65,11 @@ class TransferModel(nn.Module):
   def features(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
     return self.backbone(x_bhwc, train, mask_b)
 
+  def from_features(self, features_bd: jax.Array, train: bool = False) -> Any:
+    """The head on backbone features (the models' common name; see tl_jax.feature_cache)."""
+    del train
+    return self.head(features_bd)
+
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
                bn_train: Optional[bool] = None) -> Any:
     return self.head(self.backbone(x_bhwc, train if bn_train is None else bn_train, mask_b))

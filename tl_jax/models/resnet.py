@@ -180,6 +180,11 @@ class ResNet(nn.Module):
     # The loss is computed from float32 logits whatever the compute dtype.
     return _at_least_f32(self.fc(features_bd))
 
+  def from_features(self, features_bd: jax.Array, train: bool = False) -> jax.Array:
+    """What the model computes after `features` (the models' common name; see tl_jax.feature_cache)."""
+    del train   # fc has no dropout
+    return self.head(features_bd)
+
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
                bn_train: Optional[bool] = None) -> jax.Array:
     # bn_train: the models' common call (VGG's `train` also drives dropout); a ResNet's train is its BN's.

@@ -133,6 +133,10 @@ class VGG(nn.Module):
     x = self.dropout(nn.relu(self.classifier_3(x)), deterministic=not train)
     return self.classifier_6(x)
 
+  def from_features(self, features_bd: jax.Array, train: bool = False) -> jax.Array:
+    """What the model computes after `features` (the models' common name; see tl_jax.feature_cache)."""
+    return self.head(features_bd, train)
+
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
                bn_train: Optional[bool] = None) -> jax.Array:
     """Logits. `train` turns on dropout and (unless `bn_train` says otherwise) train-mode BatchNorm."""
