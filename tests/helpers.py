@@ -23,10 +23,11 @@ TOL = {
     'blur_levels': 1,          # GaussianBlur: torchvision convolves in float32 tensors and rounds to 8 bits
     'blur_fraction': 1e-3,     # ... and the fraction of pixels that round the other way
     'train_loss_abs': 1e-5,    # per-step loss in the 5-step SGD comparison
-    # The float32 loss after one update. The same code measured 3e-7 in an earlier environment and
-    # 1.6e-5 with today's package versions (jax/jaxlib 0.10.2, torch 2.14.1): an upstream change in
-    # float32 rounding, amplified by one SGD step; the gradients behind it are held to grad_rel.
-    'train_loss_abs_step2': 5e-5,
+    # The float32 loss after one update, against the float64 run's: our error over torch float32's own
+    # (measured: ours 2.4e-7, torch's 9.3e-5), with this floor for when torch's happens to be tiny.
+    'train_loss_f32_error_ratio': 2.0,
+    'train_loss_f32_error_floor': 1e-5,
+    'train_loss_f32_budget': 1.0,   # our error over that allowance
     'train_loss_abs_f64': 1e-9,     # 5 SGD steps in float64, per-step loss
     'train_delta_rel_f64': 1e-7,    # parameter change after 5 float64 steps, relative to torch's change
     'metric_abs_f64': 1e-12,   # precision/recall/F1/accuracy/log loss in float64 against scikit-learn
