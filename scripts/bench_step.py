@@ -44,12 +44,12 @@ def _interleaved(fns: dict, rounds: int) -> dict:
 def jax_step(strategy: str, fast_backward: bool, batch: int, size: int, bn: str = 'train'):
   """A zero-argument callable running one jitted train step (state carried), and its compile time."""
   from tl_jax import optim, train
-  from tl_jax.config import TrainConfig
   from tl_jax.models import create_model, init_variables
-  config = TrainConfig(strategy=strategy, bn=bn)
   model = create_model('resnet18', 2, fast_backward=fast_backward)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
-  state = train.create_train_state(config, model, variables, steps_per_epoch=61)
+  tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 0.001)
+  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                                  batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(1))
   rng = np.random.default_rng(0)
   data = {'images': rng.standard_normal((batch, size, size, 3), dtype=np.float32),
           'labels': rng.integers(0, 2, batch).astype(np.int32), 'mask': np.ones(batch, bool)}

@@ -37,6 +37,8 @@ def main() -> int:
   parser.add_argument('--json', default=None, help='also write the full report here')
   parser.add_argument('--skip-torch', action='store_true', help='time tl_jax only')
   parser.add_argument('--skip-jax', action='store_true', help='time the torch tutorial only')
+  parser.add_argument('--no-cache-features', dest='cache_features', action='store_false',
+                      help="tl_jax computes a frozen backbone's features every epoch even where they cannot change")
   args = parser.parse_args()
   strategies = [s.strip() for s in args.strategies.split(',') if s.strip()]
   if args.epochs < 1:
@@ -55,6 +57,7 @@ def main() -> int:
   report = run_benchmark(args.data, strategies=strategies, bn_policies=bn_policies, epochs=args.epochs, weights=args.weights,
                          torch_threads=args.torch_threads, workers=args.workers,
                          run_jax=not args.skip_jax, run_reference=not args.skip_torch,
+                         cache_features=args.cache_features,
                          log=lambda m: print(m, file=sys.stderr))
   print(format_report(report))
   if args.json:
