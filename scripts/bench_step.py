@@ -1,6 +1,6 @@
 """Per-step time of the jitted ResNet train step against torch's, per strategy, and per conv op.
 
-  python scripts/bench_step.py [--steps 12] [--batch 4] [--size 224] [--ops]
+  python scripts/bench_step.py [--steps 12] [--batch 4] [--size 224] [--ops] [--jax-profile] [--torch-profile]
 
 Every variant is compiled first, then the variants run in turn, one step each per round, so a
 busy machine slows them alike; the table shows the median over rounds. Variants: XLA's own conv
@@ -16,8 +16,8 @@ import functools
 import os
 import time
 
+import tl_jax  # noqa: F401  first: it sets XLA:CPU's flags before JAX starts (tl_jax.xla_defaults)
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -143,6 +143,40 @@ def conv_ops(batch: int, rounds: int):
   return rows
 
 
+def jax_profile(strategy: str, batch: int, size: int, steps: int = 3, top: int = 20) -> list[tuple[str, float, float]]:
+  """(op kind, ms per step, % of op time) of the jitted step under jax.profiler, the largest first.
+
+  Op names are XLA's thunk names with their numeric suffix dropped (`transpose_copy_fusion.57` ->
+  `transpose_copy_fusion`); times are summed over XLA's worker threads, so on 2 threads they can
+  add up to about twice the step's wall time.
+  """
+  import collections
+  import glob
+  import gzip
+  import json
+  import re
+  import tempfile
+  run, _ = jax_step(strategy, False, batch, size)
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(steps):
+        run()
+    path = glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True)[0]
+    with gzip.open(path) as f:
+      trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  threads = {(e['pid'], e['tid']): e['args']['name'] for e in events
+             if e.get('ph') == 'M' and e.get('name') == 'thread_name'}
+  kinds: collections.Counter = collections.Counter()
+  for e in events:
+    thread = threads.get((e.get('pid'), e.get('tid')), '')
+    if e.get('ph') != 'X' or not thread.startswith('tf_XLA') or e['name'].startswith('ThunkExecutor'):
+      continue
+    kinds[re.sub(r'(\.\d+)+$', '', e['name'])] += e['dur']
+  total = sum(kinds.values()) or 1
+  return [(k, d / 1e3 / steps, 100 * d / total) for k, d in kinds.most_common(top)]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--steps', type=int, default=12, help='timed rounds (after one warm-up step)')
@@ -150,6 +184,7 @@ def main():
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--strategies', default='finetune,frozen')
   parser.add_argument('--ops', action='store_true', help='per-conv-op breakdown too')
+  parser.add_argument('--jax-profile', action='store_true', help="XLA's op profile of tl_jax's finetune step")
   parser.add_argument('--torch-profile', action='store_true', help="torch's own op profile of its finetune step")
   parser.add_argument('--cpu-time', action='store_true',
                       help='report CPU seconds of this process instead of wall time (for a shared machine; '
@@ -165,7 +200,8 @@ def main():
   print(f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPU cores (load average {os.getloadavg()[0]:.2f}), '
         f'jax {jax.__version__} '
         f'({jax.devices()[0].platform}), torch {torch.__version__} ({torch.get_num_threads()} threads); '
-        f"batch {args.batch}, {args.size} px; {'CPU' if args.cpu_time else 'wall'} ms, median of {args.steps} rounds")
+        f"batch {args.batch}, {args.size} px; {'CPU' if args.cpu_time else 'wall'} ms, median of {args.steps} rounds; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '') or 'unset'} (tl_jax.xla_defaults)")
   for strategy in filter(None, args.strategies.split(',')):
     fns, compile_s = {}, {}
     for label, fast_backward in (('xla', False), ('fast', True)):
@@ -182,6 +218,10 @@ def main():
     for name, ms in conv_ops(args.batch, args.steps):
       print(f'{name:22s} ' + ' '.join(f'{ms[f"{lib} {op}"]:10.2f}' for op in ops for lib in ('xla', 'fast', 'torch'))
             + (f'   x{CONV_COUNT[name]}' if name in CONV_COUNT else ''))
+  if args.jax_profile:
+    print("\ntl_jax's finetune step (3 steps), XLA ops by kind (summed over XLA's threads):")
+    for kind, ms, share in jax_profile('finetune', args.batch, args.size):
+      print(f'{ms:9.1f} ms/step {share:6.1f} %  {kind}')
   if args.torch_profile:
     run, *_ = torch_step('finetune', args.batch, args.size)
     from torch.profiler import ProfilerActivity, profile

@@ -121,24 +121,18 @@ def loader_throughput(specs: dict, samples, workers: int, batch_size: int, round
 
 
 def train_data_wait(data: Path, epochs: int, batch_size: int, workers: int) -> None:
-  """A short run with the full list swapped into train.py's loaders; prints its data-wait share."""
+  """A short run of train.py's loop with the full list as its train transforms; prints its data-wait share."""
   from tl_jax import train
-  from tl_jax.config import TrainConfig
-
-  def make_loaders(config, data_split, preprocessing):
-    train_tf = augment.build_pipeline(FULL_TRAIN)
-    val_tf = augment.build_pipeline(FULL_VAL, where='data.val_transforms')
-    return (Loader(data_split.train.samples, train_tf, config.batch_size, shuffle=True, seed=config.seed,
-                   workers=config.workers, prefetch=config.prefetch),
-            Loader(data_split.val.samples, val_tf, config.eval_batch_size, shuffle=False, seed=config.seed,
-                   workers=config.workers, prefetch=config.prefetch))
-
-  train.make_loaders = make_loaders
-  config = TrainConfig(strategy='finetune', arch='resnet18', weights='random', data=str(data), epochs=epochs,
-                       batch_size=batch_size, eval_batch_size=64, workers=workers).validate()
+  from tl_jax.config import validate
+  config = validate({
+      'model': {'arch': 'resnet18', 'weights': 'random'},
+      'data': {'path': str(data), 'batch_size': batch_size, 'eval_batch_size': 64, 'workers': workers,
+               'train_transforms': FULL_TRAIN, 'val_transforms': FULL_VAL},
+      'stages': [{'name': 'finetune', 'epochs': epochs, 'trainable': 'all'}], 'seed': 0})
   with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(config, workdir, progress=False, plots=False, log=lambda _: None)
-    rows = json.loads((Path(workdir) / 'history.json').read_text())
+    train.train_and_evaluate(config, Path(workdir) / 'run', progress=False, plots=False, report=False,
+                             log=lambda _: None)
+    rows = json.loads((Path(workdir) / 'run' / 'history.json').read_text())
   rows = rows['epochs']
   print(f'\ntraining, ResNet-18 finetune (random init), full list, batch {batch_size}, {workers} workers:')
   for row in rows:

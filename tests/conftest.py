@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import tl_jax  # noqa: F401  first: its XLA:CPU flags must be set before JAX starts a backend (tl_jax.xla_defaults)
 import jax
 import pytest
 

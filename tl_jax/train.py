@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,7 +27,7 @@ from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data import on_device, sources
 from tl_jax.data.loader import Loader
 from tl_jax.data.sources import Data
-from tl_jax.models import ResNet, create_model, init_variables
+from tl_jax.models import create_model, init_variables
 from tl_jax.rundir import RunDir, RunError
 from tl_jax.weights import Preprocessing, resolve_weights
 
