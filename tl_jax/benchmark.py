@@ -194,12 +194,12 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
     torch_threads: torch.set_num_threads; default os.cpu_count().
     workers: loader workers for both (tl_jax threads, DataLoader processes); default TutorialRecipe's.
     run_jax / run_reference: which frameworks to run.
+    cache_features: tl_jax's cached backbone features where valid (bn: frozen; tl_jax.feature_cache).
     seed: TutorialRecipe.seed for both.
     log: receives tl_jax's progress lines and the report's own (the torch child prints to stderr).
 
   Returns:
     A JSON-able dict: environment, dataset_sizes, epochs, strategies -> {runs, summary}.
-    cache_features: tl_jax's cached backbone features where valid (bn: frozen; tl_jax.feature_cache).
   """
   if not (run_jax or run_reference):
     raise ValueError('nothing to run: both tl_jax and torch are skipped')

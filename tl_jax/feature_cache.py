@@ -12,7 +12,8 @@ the val features: nothing is cached.
 
 The cached phases run the same steps on the same batches as the uncached ones: the image
 loader's order, padding and mask, the eval-mode backbone, the same head and loss
-(`train.train_step` and `train.eval_step` read 'features' in place of 'images'). Only float32
+(`train.train_step` and `train.eval_step` read 'features' in place of 'images';
+`train.features_step` computes them). Only float32
 rounding can differ, as the backbone runs on other batch compositions (tested to 1e-6 on every
 metric). `data.cache_features: false` (`--no-cache-features`) turns it off.
 """
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from tl_jax.data.loader import padded_batch
 from tl_jax.models import features_have_batch_norm, head_stages
 
 
@@ -70,12 +72,6 @@ def plan(arch: str, trainable_stages: Sequence[str], bn: str, train_deterministi
   return Plan(train_deterministic, True)
 
 
-def features_step(state, batch: Mapping[str, jax.Array], *, model) -> dict:
-  """Eval-mode backbone features (B, F) of an image batch: what the stage's steps would compute first."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
-  return {'features': model.apply(variables, batch['images'], train=False, method='features')}
-
-
 @dataclasses.dataclass
 class FeatureBatch:
   features: np.ndarray   # (B, F) float32, zeros on padding rows
@@ -97,7 +93,7 @@ def example_batch(image_batch: Mapping[str, np.ndarray], num_features: int) -> d
 def extract(fn: Callable, state, loader, put: Callable[[dict], Any] = lambda b: b) -> np.ndarray:
   """(N, F) features of every sample of `loader` (its epoch 0 pixels), row i for sample i.
 
-  `fn(state, batch) -> {'features'}` (e.g. jitted `features_step`). Steps are dispatched
+  `fn(state, batch) -> {'features'}` (e.g. jitted `tl_jax.train.features_step`). Steps are dispatched
   before any result is read, so the loader's threads prepare the next batch meanwhile.
   """
   pending = []
@@ -120,21 +116,14 @@ class FeatureLoader:
       raise ValueError(f'{len(features)} feature rows for {len(loader.samples)} samples')
     self.loader, self.features = loader, features
     self.samples, self.batch_size = loader.samples, loader.batch_size
-    self.labels = np.array([label for _, label in loader.samples], np.int32)
 
   def __len__(self) -> int:
     return len(self.loader)
 
   def epoch(self, epoch: int) -> Iterator[FeatureBatch]:
     order = self.loader.order(epoch)
-    size = self.batch_size
-    for start in range(0, len(order), size):
-      rows = order[start:start + size]
-      n = len(rows)
-      features = np.zeros((size, self.features.shape[1]), np.float32)
-      features[:n] = self.features[rows]
-      labels = np.zeros(size, np.int32)
-      labels[:n] = self.labels[rows]
-      indices = np.full(size, -1, np.int64)
-      indices[:n] = rows
-      yield FeatureBatch(features, labels, np.arange(size) < n, indices)
+    for start in range(0, len(order), self.batch_size):
+      rows = order[start:start + self.batch_size]
+      batch = padded_batch(self.features[rows], self.features[0], [self.samples[i][1] for i in rows], rows,
+                           self.batch_size)
+      yield FeatureBatch(batch.images, batch.labels, batch.mask, batch.indices)

@@ -21,7 +21,7 @@ import optax
 from flax.training import train_state
 from jax.sharding import Mesh
 
-from tl_jax import checkpoint, feature_cache, losses, optim, parallel
+from tl_jax import checkpoint, feature_cache, losses, models, optim, parallel
 from tl_jax.config import Config, recipe_warnings
 from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data import on_device, sources
@@ -122,6 +122,15 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   return state, sums
 
 
+def _eval_variables(state: TrainState) -> dict:
+  return {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
+
+
+def features_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
+  """Eval-mode backbone features (B, F) of an image batch, for tl_jax.feature_cache."""
+  return {'features': model.apply(_eval_variables(state), batch['images'], train=False, method='features')}
+
+
 def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
               loss: losses.Loss = losses.cross_entropy) -> dict:
   """Eval-mode forward (of 'images', or of cached 'features'); masked sums of the loss (and correct
@@ -129,7 +138,7 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Mo
 
   Classification adds 'predictions' (argmax); other heads' outputs are returned as 'outputs'.
   """
-  variables = {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
+  variables = _eval_variables(state)
   if 'features' in batch:   # cached backbone features (tl_jax.feature_cache)
     outputs = model.apply(variables, batch['features'], train=False, method='from_features')
   else:
@@ -302,9 +311,7 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
   # Feature batches (tl_jax.feature_cache) and image batches need steps of their own.
   key = _stage_key(config, index) + (tuple(sorted(example_train)), tuple(sorted(example_val)))
   seconds = {'train_step': 0.0, 'eval_step': 0.0}
-  if not compile_steps:
-    compiled = {key: (None, None)}
-  elif key not in compiled:
+  if compile_steps and key not in compiled:
     trainable = optim.trainable_mask(state.params, config.trainable_stages(index))
     train, evaluate = train_step, eval_step
     if normalization is not None:
@@ -315,7 +322,7 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
     train_fn, seconds['train_step'] = _compile(train_fn, state, parallel.shard_batch(example_train, mesh))
     eval_fn, seconds['eval_step'] = _compile(eval_fn, state, parallel.shard_batch(example_val, mesh))
     compiled[key] = (train_fn, eval_fn)
-  train_fn, eval_fn = compiled[key]
+  train_fn, eval_fn = compiled[key] if compile_steps else (None, None)
   first_epoch = sum(s.epochs for s in config.stages[:index])
   return state, Stage(index, stage_config.name, first_epoch, stage_config.epochs, stage_lrs(config, index),
                       train_fn, eval_fn, seconds, mesh)
@@ -327,19 +334,13 @@ def feature_plan(config: Config, index: int, train_deterministic: bool) -> featu
                             train_deterministic, config.data.cache_features, jax.process_count())
 
 
-def _num_features(model, variables: Mapping, example: Mapping) -> int:
-  shape = jax.eval_shape(lambda v, x: model.apply(v, x, train=False, method='features'), dict(variables),
-                         jax.ShapeDtypeStruct(example['images'].shape, jnp.float32))
-  return int(shape.shape[-1])
-
-
 def cached_loaders(plan: feature_cache.Plan, model, state: TrainState, stage: Stage, train_loader: Loader,
                    val_loader: Loader, compiled: dict, normalization: Optional[tuple] = None) -> tuple:
   """The stage's (train, val) loaders: a phase `plan` caches reads features computed now, from `state`."""
   if not plan.any:
     return train_loader, val_loader
   if ('features', stage.mesh) not in compiled:
-    fn = feature_cache.features_step
+    fn = features_step
     if normalization is not None:
       fn = on_device.normalizing_step(fn, *normalization)
     compiled[('features', stage.mesh)] = parallel.jit_eval_step(fn, stage.mesh, model=model)
@@ -539,7 +540,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
   for index in range(config.stage_at(start_epoch)[0] if start_epoch < config.epochs else len(config.stages),
                      len(config.stages)):
     plan = feature_plan(config, index, transforms.train.deterministic)
-    num_features = _num_features(model, variables, example_val) if plan.any else 0
+    # Feature width of the arch (VGG's adaptive pool makes it independent of the image size).
+    num_features = models.num_features(config.model.arch)
     state, stage = setup_stage(
         config, index, model, variables, len(train_loader),
         feature_cache.example_batch(example_train, num_features) if plan.train else example_train,

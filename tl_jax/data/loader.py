@@ -66,6 +66,20 @@ class Batch:
     return {'images': self.images, 'labels': self.labels, 'mask': self.mask}
 
 
+def padded_batch(rows, template: np.ndarray, labels, indices, size: int) -> Batch:
+  """A Batch of `size` rows: `rows` (shaped like `template`) with their labels and dataset indices,
+  then zero rows with mask False and index -1, so every batch of a phase has one shape."""
+  valid = len(rows)
+  images = np.zeros((size,) + template.shape, template.dtype)   # float32, or uint8 for the device to normalise
+  if valid:   # a process's share of the last batch may be all padding
+    images[:valid] = rows
+  padded_labels = np.zeros(size, np.int32)
+  padded_labels[:valid] = labels
+  padded_indices = np.full(size, -1, np.int64)
+  padded_indices[:valid] = indices
+  return Batch(images, padded_labels, np.arange(size) < valid, padded_indices)
+
+
 class Loader:
   """Batches of `samples` (path, label) through `transform`.
 
@@ -127,19 +141,10 @@ class Loader:
     return self._row_template
 
   def _assemble(self, rows: list[np.ndarray], indices: np.ndarray) -> Batch:
-    valid, size = len(rows), self.local_batch_size
     if rows and self._row_template is None:
       self._row_template = np.zeros_like(rows[0])
     template = rows[0] if rows else self._template()
-    images = np.zeros((size,) + template.shape, template.dtype)   # float32, or uint8 for the device to normalise
-    if rows:   # a process's share of the last batch may be all padding
-      images[:valid] = rows
-    labels = np.zeros(size, np.int32)
-    labels[:valid] = [self.samples[i][1] for i in indices]
-    mask = np.arange(size) < valid
-    padded_indices = np.full(size, -1, np.int64)
-    padded_indices[:valid] = indices
-    return Batch(images, labels, mask, padded_indices)
+    return padded_batch(rows, template, [self.samples[i][1] for i in indices], indices, self.local_batch_size)
 
   def epoch(self, epoch: int) -> Iterator[Batch]:
     """The batches of `epoch`, prepared `prefetch` batches ahead by the worker threads."""

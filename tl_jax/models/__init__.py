@@ -136,5 +136,5 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
 
 
 __all__ = ['ARCHS', 'STAGES', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
-           'create_model', 'features_have_batch_norm', 'head_name', 'head_stages', 'init_transfer_variables', 'init_variables', 'num_features',
-           'stage_groups', 'stage_of', 'stage_tree']
+           'create_model', 'features_have_batch_norm', 'head_name', 'head_stages', 'init_transfer_variables',
+           'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']
