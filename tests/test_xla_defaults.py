@@ -56,3 +56,50 @@ def test_the_installed_jaxlib_accepts_the_flag_and_a_jitted_conv_runs():
   assert (f'{FLAG}={VALUE}' in flags) == (flags_to_add({}, _jaxlib_version()) is not None)
   opted_out = _run(code, TL_JAX_XLA_DEFAULTS='0')
   assert opted_out.returncode == 0 and FLAG not in opted_out.stdout
+
+
+@pytest.mark.parametrize('environ, jaxlib, platform, expected', [
+    ({}, '0.10.2', 'cpu', xla_defaults.FORWARD_OPTIONS),
+    ({}, '0.10.2', 'gpu', {}),                               # an XLA:CPU option only
+    ({'XLA_FLAGS': f'{FLAG}=+dot'}, '0.10.2', 'cpu', {}),     # the user's own setting wins
+    ({'XLA_FLAGS': f'--xla_cpu_use_xnnpack=false {FLAG}={VALUE}'}, '0.10.2', 'cpu',
+     xla_defaults.FORWARD_OPTIONS),                           # tl_jax's own flag (xla_defaults.apply)
+    ({'TL_JAX_XLA_DEFAULTS': '0'}, '0.10.2', 'cpu', {}),
+    ({}, '0.8.3', 'cpu', {}),
+    ({}, None, 'cpu', {}),
+])
+def test_forward_options_for(environ, jaxlib, platform, expected):
+  assert xla_defaults.forward_options_for(environ, jaxlib, platform) == expected
+
+
+def _ynn_fusions(compiled) -> int:
+  text = compiled.as_text()
+  return text[text.index('ENTRY'):].count('%ynn_fusion')
+
+
+def test_forward_steps_compile_without_ynnpack_fusions():
+  """The eval step the train loop compiles carries the forward options, and XLA honours them:
+  the same step compiled with the process's settings alone still has YNNPACK fusions."""
+  import functools
+
+  import jax
+  import numpy as np
+
+  from tl_jax import parallel, train
+  from tl_jax.models import create_model, init_variables
+  if not xla_defaults.forward_compiler_options():
+    pytest.skip('forward options do not apply here (not CPU, opted out or an older jaxlib)')
+  model = create_model('resnet18', 2)
+  variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
+  state = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+  state = train.TrainState(step=0, apply_fn=None, params=state['params'], tx=None, opt_state=None,
+                           batch_stats=state['batch_stats'], rng=None)
+  batch = {'images': np.zeros((8, 64, 64, 3), np.float32), 'labels': np.zeros(8, np.int32),
+           'mask': np.ones(8, bool)}
+  mesh = parallel.make_mesh(1)
+  ours = parallel.jit_eval_step(train.eval_step, mesh, model=model).lower(state, batch).compile()
+  plain = jax.jit(functools.partial(train.eval_step, model=model)).lower(state, batch).compile()
+  assert _ynn_fusions(plain) > 0, 'the process settings no longer give YNNPACK fusions: re-measure'
+  assert _ynn_fusions(ours) == 0
+  np.testing.assert_allclose(np.asarray(ours(state, batch)['loss_sum']),
+                             np.asarray(plain(state, batch)['loss_sum']), rtol=1e-5)

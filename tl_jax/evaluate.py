@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from tl_jax import metrics as metrics_lib
+from tl_jax import metrics as metrics_lib, xla_defaults
 from tl_jax.checkpoint import BEST_DIR, load_model, resolve_model_dir
 from tl_jax.data.folder import ImageFolder, drop_bad_images
 from tl_jax.data.loader import Loader
@@ -207,11 +207,20 @@ class Outputs:
   indices: np.ndarray  # (N,) index into the loader's samples
 
 
-@functools.partial(jax.jit, static_argnames='model')
+def _logits(variables: Mapping, images_bhwc: jax.Array, *, model) -> jax.Array:
+  return model.apply(variables, images_bhwc, train=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_logits() -> Callable:
+  # Made on first use, not at import: the options ask which backend JAX runs on.
+  return jax.jit(_logits, static_argnames='model', compiler_options=xla_defaults.forward_compiler_options())
+
+
 def eval_logits(variables: Mapping, images_bhwc: jax.Array, *, model) -> jax.Array:
   """Eval-mode logits. Jitted with the (hashable) model static, so every evaluation of the same
   architecture and batch shape in a process shares one compile."""
-  return model.apply(variables, images_bhwc, train=False)
+  return _jitted_logits()(variables, images_bhwc, model=model)
 
 
 def make_forward(model) -> Callable:

@@ -23,6 +23,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tl_jax import xla_defaults
+
 DATA_AXIS = 'data'
 
 
@@ -267,19 +269,22 @@ def jit_eval_step(step: Callable, mesh: Mesh, **step_kwargs) -> Callable:
 
   fn = functools.partial(step, **step_kwargs)
   # out_shardings must mirror the output's structure; trace once abstractly to learn it.
-  return _LazyShardedJit(fn, (rep, split), out_sharding)
+  # Forward-only: XLA:CPU runs it faster without YNNPACK's fusions (tl_jax.xla_defaults).
+  return _LazyShardedJit(fn, (rep, split), out_sharding, xla_defaults.forward_compiler_options())
 
 
 class _LazyShardedJit:
   """jax.jit whose out_shardings follow the output tree, learnt from the first call's shapes."""
 
-  def __init__(self, fn, in_shardings, out_sharding_of):
+  def __init__(self, fn, in_shardings, out_sharding_of, compiler_options=None):
     self._fn, self._in, self._out_of, self._jitted = fn, in_shardings, out_sharding_of, None
+    self._options = compiler_options or None
 
   def _get(self, *args):
     if self._jitted is None:
       shapes = jax.eval_shape(self._fn, *args)
-      self._jitted = jax.jit(self._fn, in_shardings=self._in, out_shardings=self._out_of(shapes))
+      self._jitted = jax.jit(self._fn, in_shardings=self._in, out_shardings=self._out_of(shapes),
+                             compiler_options=self._options)
     return self._jitted
 
   def __call__(self, *args):

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax import xla_defaults
 from tl_jax.checkpoint import ModelCheckpoint, load_model
 from tl_jax.data.folder import DataError, ImageReadError, load_image
 from tl_jax.data.transforms import EvalTransform
@@ -62,7 +63,8 @@ def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path]) -> l
   transform = eval_transform_for(model_ckpt)
   names = model_ckpt.class_names
   variables = jax.device_put(model_ckpt.variables)
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  forward = jax.jit(lambda v, x: model.apply(v, x, train=False),
+                    compiler_options=xla_defaults.forward_compiler_options())
 
   results: dict[int, Prediction] = {}
   ready: list[tuple[int, np.ndarray]] = []
