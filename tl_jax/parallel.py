@@ -256,11 +256,13 @@ def jit_train_step(step: Callable, mesh: Mesh, donate: bool = True, **step_kwarg
                  out_shardings=(rep, rep), donate_argnums=(0,) if donate else ())
 
 
-def jit_eval_step(step: Callable, mesh: Mesh, **step_kwargs) -> Callable:
+def jit_eval_step(step: Callable, mesh: Mesh, compiler_options: Optional[dict] = None,
+                  **step_kwargs) -> Callable:
   """`step(state, batch, **step_kwargs) -> sums` jitted with explicit shardings.
 
   Scalars come out replicated; per-row outputs (e.g. 'predictions') stay split over `data`
-  (read them with `gather_rows`).
+  (read them with `gather_rows`). `compiler_options` default to the forward-only step's
+  (tl_jax.xla_defaults: XLA:CPU runs it faster without YNNPACK's fusions); {} keeps the process's.
   """
   rep, split = replicated(mesh), batch_sharded(mesh)
 
@@ -268,9 +270,10 @@ def jit_eval_step(step: Callable, mesh: Mesh, **step_kwargs) -> Callable:
     return jax.tree_util.tree_map(lambda x: rep if np.ndim(x) == 0 else split, out)
 
   fn = functools.partial(step, **step_kwargs)
+  if compiler_options is None:
+    compiler_options = xla_defaults.forward_compiler_options()
   # out_shardings must mirror the output's structure; trace once abstractly to learn it.
-  # Forward-only: XLA:CPU runs it faster without YNNPACK's fusions (tl_jax.xla_defaults).
-  return _LazyShardedJit(fn, (rep, split), out_sharding, xla_defaults.forward_compiler_options())
+  return _LazyShardedJit(fn, (rep, split), out_sharding, compiler_options)
 
 
 class _LazyShardedJit:

@@ -343,7 +343,9 @@ def cached_loaders(plan: feature_cache.Plan, model, state: TrainState, stage: St
     fn = features_step
     if normalization is not None:
       fn = on_device.normalizing_step(fn, *normalization)
-    compiled[('features', stage.mesh)] = parallel.jit_eval_step(fn, stage.mesh, model=model)
+    # Compiled with the train step's XLA options, not the faster forward-only ones: the cached
+    # features then round as the backbone inside the uncached train step does.
+    compiled[('features', stage.mesh)] = parallel.jit_eval_step(fn, stage.mesh, compiler_options={}, model=model)
   fn = compiled[('features', stage.mesh)]
   put = functools.partial(parallel.shard_batch, mesh=stage.mesh)
   if plan.train:
