@@ -91,9 +91,8 @@ def test_forward_steps_compile_without_ynnpack_fusions():
     pytest.skip('forward options do not apply here (not CPU, opted out or an older jaxlib)')
   model = create_model('resnet18', 2)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
-  state = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-  state = train.TrainState(step=0, apply_fn=None, params=state['params'], tx=None, opt_state=None,
-                           batch_stats=state['batch_stats'], rng=None)
+  state = train.TrainState(step=0, apply_fn=None, params=variables['params'], tx=None, opt_state=None,
+                           batch_stats=variables['batch_stats'], rng=None)
   batch = {'images': np.zeros((8, 64, 64, 3), np.float32), 'labels': np.zeros(8, np.int32),
            'mask': np.ones(8, bool)}
   mesh = parallel.make_mesh(1)

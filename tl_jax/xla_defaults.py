@@ -12,13 +12,15 @@ it). The flag is added to XLA_FLAGS only
 - unless TL_JAX_XLA_DEFAULTS=0.
 It takes effect only if JAX's backend has not started yet; importing tl_jax first is enough.
 
-Forward-only steps (evaluation, cached features, prediction) go one step further and compile
+Forward-only steps (evaluation, prediction) go one step further and compile
 with YNNPACK's fusions off altogether (`forward_compiler_options`, per compiled step): there,
 YNNPACK's "reduce" and "dot" fusions grow from the average pool and `fc` backwards over the
 last convolutions (layer3/layer4 of a ResNet) and run them as YNNPACK convolutions, the slow
 ones. Without them the ResNet-18 eval step at batch 32 ran in 0.88x the time and VGG11's at
 batch 8 in 0.86x (one process, variants interleaved). Train steps keep the process setting:
 there YNNPACK runs BatchNorm's reductions, and with it off the finetune step took 1.17x as long.
+So does the cached-feature pass (tl_jax.train.cached_loaders), so that its features round as the
+backbone inside the train step does.
 """
 
 from __future__ import annotations
@@ -67,12 +69,11 @@ def _installed_jaxlib() -> Optional[str]:
 
 
 def forward_options_for(environ: Mapping[str, str], jaxlib_version: Optional[str], platform: str) -> dict:
-  """The compiler options of a forward-only step: FORWARD_OPTIONS on CPU, where `flags_to_add` applies."""
-  if platform != 'cpu' or environ.get(OPT_OUT_ENV, '1') == '0' or jaxlib_version is None:
-    return {}
-  # XLA_FLAGS holding FLAG with a value of the user's own (not the one `apply` adds) wins.
-  own = [f for f in environ.get('XLA_FLAGS', '').split() if f.startswith(FLAG) and f != f'{FLAG}={VALUE}']
-  if _version(jaxlib_version) < MIN_JAXLIB or own:
+  """The compiler options of a forward-only step: FORWARD_OPTIONS on CPU wherever `flags_to_add` would
+  set tl_jax's flag (so not for a user's own value of it, an opt-out or an older jaxlib)."""
+  # The flag `apply` already added is tl_jax's own, not the user's: judge XLA_FLAGS without it.
+  others = ' '.join(f for f in environ.get('XLA_FLAGS', '').split() if f != f'{FLAG}={VALUE}')
+  if platform != 'cpu' or flags_to_add({**environ, 'XLA_FLAGS': others}, jaxlib_version) is None:
     return {}
   return dict(FORWARD_OPTIONS)
 
