@@ -15,8 +15,8 @@ TOL = {
     'running_stat_abs': 1e-5,  # BN running mean/var after a train-mode forward
     'grad_rel': 1e-4,          # per-tensor gradient of the CE loss (float32, the seeds in the test)
     'grad_rel_f64': 1e-10,     # the same in float64
-    # Where float32 train-mode BN is too ill-conditioned for grad_rel (vgg11_bn, batch 4): our float32
-    # gradients' worst error against torch's float64 ones, over torch float32's own worst error.
+    # vgg11_bn's float32 gradients against torch's float64 ones on the same ReLU/max-pool branches
+    # (test_vgg: a branch flipped by rounding moves them ~1e-2): our worst error over torch float32's.
     'grad_f32_error_ratio': 2.0,
     'pixel_abs': 1e-6,         # preprocessing, float pixels
     'pil_levels': 0,           # PIL ops whose torchvision path is integer: max |ours - torch| in 8-bit levels
