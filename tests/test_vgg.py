@@ -101,18 +101,6 @@ def _torch_grads(tmodel, x, labels):
   return loss.item(), {**grads, **{k: None for k in tmodel.state_dict() if k.endswith('running_mean')}}
 
 
-def _jax_grads(model, state_dict, x, labels, arch):
-  variables = torch_to_flax(state_dict, arch)
-
-  def loss_fn(params):
-    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
-                            jnp.asarray(nchw_to_nhwc(x)), train=True, mutable=['batch_stats'])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], axis=1))
-
-  loss, grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn))(variables['params']))
-  return float(loss), flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
-
-
 def _worst(grads, grads_ref):
   return max((_grad_err(grads, grads_ref, k), k) for k, v in grads_ref.items() if v is not None)
 
@@ -125,7 +113,7 @@ def test_cross_entropy_gradients_match_torch_in_float64():
   state_dict = state_dict_numpy(tmodel)
   del tmodel
   with jax.enable_x64(True):
-    loss, grads = _jax_grads(VGG(arch, NUM_CLASSES, dropout_rate=0.0), state_dict, x, labels, arch)
+    loss, grads, _ = _jax_grads(VGG(arch, NUM_CLASSES, dropout_rate=0.0), state_dict, x, labels, arch)
   worst, name = _worst(grads, grads_ref)
   assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), (name, worst)
   assert abs(loss - loss_ref) <= TOL['train_loss_abs_f64']
@@ -152,21 +140,26 @@ def _branch_points(tmodel):
 
 
 def _torch_branches(tmodel, x):
-  """The branch a torch forward takes at each ReLU (input > 0) and max-pool (argmax indices)."""
-  taken, hooks = [], []
+  """The branch a torch forward takes at each ReLU (input > 0) and max-pool (argmax indices), and
+  every ReLU's input (None at the max-pools)."""
+  taken, inputs, hooks = [], [], []
+
+  def hook(module, args):
+    inp = args[0].detach().clone()   # ReLU(inplace=True) overwrites it after the hook
+    if isinstance(module, torch.nn.ReLU):
+      taken.append(('relu', (inp > 0).numpy()))
+      inputs.append(inp.numpy())
+    else:
+      taken.append(('pool', torch.nn.functional.max_pool2d(inp, 2, 2, return_indices=True)[1].numpy()))
+      inputs.append(None)
+
   for seq, i in _branch_points(tmodel):
-    def hook(module, args):
-      inp = args[0].detach()
-      if isinstance(module, torch.nn.ReLU):
-        taken.append(('relu', (inp > 0).numpy()))
-      else:
-        taken.append(('pool', torch.nn.functional.max_pool2d(inp, 2, 2, return_indices=True)[1].numpy()))
     hooks.append(seq[i].register_forward_pre_hook(hook))
   with torch.no_grad():
     tmodel(torch.from_numpy(x))
   for h in hooks:
     h.remove()
-  return taken
+  return taken, inputs
 
 
 def _pool_indices_nchw(x_bhwc):
@@ -181,10 +174,10 @@ def _pool_indices_nchw(x_bhwc):
   return (rows * w + cols).astype(np.int64)
 
 
-def _jax_grads_and_branches(model, state_dict, x, labels, arch):
-  """Gradients as _jax_grads, plus the branches that same compiled gradient took: the BatchNorm
-  and hidden Dense outputs come back as aux of the one jitted value_and_grad, so the ReLU masks
-  and pool choices are those its backward pass used, not a separate compile's."""
+def _jax_grads(model, state_dict, x, labels, arch):
+  """Loss, gradients by torch name, and the branches that same compiled gradient took: the
+  BatchNorm and hidden Dense outputs come back as aux of the one jitted value_and_grad, so the ReLU
+  masks and pool choices are those its backward pass used, not a separate compile's."""
   variables = torch_to_flax(state_dict, arch)
   captured = lambda mdl, _: isinstance(mdl, BatchNorm) or (isinstance(mdl, nn.Dense) and mdl.name != 'classifier_6')
 
@@ -195,7 +188,7 @@ def _jax_grads_and_branches(model, state_dict, x, labels, arch):
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], axis=1))
     return loss, state['intermediates']
 
-  (_, inter), grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params']))
+  (loss, inter), grads = jax.device_get(jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables['params']))
   taken = []
   for b, widths in enumerate(ARCHS[arch].blocks, start=1):
     for i in range(1, len(widths) + 1):
@@ -203,7 +196,7 @@ def _jax_grads_and_branches(model, state_dict, x, labels, arch):
       taken.append(('relu', np.transpose(pre > 0, (0, 3, 1, 2))))
     taken.append(('pool', _pool_indices_nchw(np.maximum(pre, 0))))
   taken += [('relu', inter[name]['__call__'][0] > 0) for name in ('classifier_0', 'classifier_3')]
-  return flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch), taken
+  return float(loss), flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch), taken
 
 
 def _grads_on_branches(tmodel64, x64, labels, taken):
@@ -226,19 +219,6 @@ def _branch_differences(taken, reference, pre64):
   return flips, worst
 
 
-def _relu_inputs(tmodel, x):
-  """Every ReLU's input of a torch forward (None at the max-pools), aligned with _branch_points."""
-  seen, hooks = [], []
-  for seq, i in _branch_points(tmodel):
-    hooks.append(seq[i].register_forward_pre_hook(
-        lambda module, args: seen.append(args[0].detach().clone().numpy() if isinstance(module, torch.nn.ReLU) else None)))
-  with torch.no_grad():
-    tmodel(torch.from_numpy(x))
-  for h in hooks:
-    h.remove()
-  return seen
-
-
 def test_cross_entropy_gradients_in_float32_are_as_accurate_as_torchs():
   """Float32 gradients of vgg11_bn (train-mode BN, batch 4) against torch's float64 ones, ours held
   to torch float32's own accuracy. The gradient jumps at every ReLU kink and max-pool tie: a value
@@ -250,14 +230,13 @@ def test_cross_entropy_gradients_in_float32_are_as_accurate_as_torchs():
   arch = 'vgg11_bn'
   tmodel = _no_dropout(random_torchvision_model(arch, NUM_CLASSES)).train()
   x, labels = _images(4, 64, seed=5), np.array([0, 3, 4, 2])
-  torch_taken = _torch_branches(tmodel, x)
+  torch_taken, _ = _torch_branches(tmodel, x)
   _, grads_torch32 = _torch_grads(tmodel, x, labels)
   state_dict = state_dict_numpy(tmodel)
   tmodel64 = tmodel.double()
   x64 = x.astype(np.float64)
-  ref_taken = _torch_branches(tmodel64, x64)
-  pre64 = _relu_inputs(tmodel64, x64)
-  grads, ours_taken = _jax_grads_and_branches(VGG(arch, NUM_CLASSES, dropout_rate=0.0), state_dict, x, labels, arch)
+  ref_taken, pre64 = _torch_branches(tmodel64, x64)
+  _, grads, ours_taken = _jax_grads(VGG(arch, NUM_CLASSES, dropout_rate=0.0), state_dict, x, labels, arch)
   ours_flips, ours_near = _branch_differences(ours_taken, ref_taken, pre64)
   torch_flips, torch_near = _branch_differences(torch_taken, ref_taken, pre64)
   ours, name = _worst(grads, _grads_on_branches(tmodel64, x64, labels, ours_taken))
