@@ -1,4 +1,7 @@
-"""The fast-weight-gradient convolution equals lax's convolution: values and both gradients."""
+"""fast_conv's convolution equals lax's: values and both gradients, through each rewrite."""
+
+import collections
+import re
 
 import flax.linen as nn
 import jax
@@ -14,13 +17,17 @@ from tl_jax.models import fast_conv
 # use (7x7/2 stem, 3x3 stride 1 and 2, 1x1 stride 1 and 2), odd sizes that leave a stride-2
 # remainder, and an asymmetric padding.
 SHAPES = [
-    (30, 30, 3, 8, (7, 7), (2, 2), ((3, 3), (3, 3))),   # space-to-depth weight gradient
-    (17, 14, 2, 5, (5, 4), (2, 2), ((2, 1), (0, 2))),   # the same, odd sizes and paddings
+    (30, 30, 3, 8, (7, 7), (2, 2), ((3, 3), (3, 3))),   # a stem: dW over 3x3 tiles of 5x5 outputs
+    (17, 14, 2, 5, (5, 4), (2, 2), ((2, 1), (0, 2))),   # odd sizes and paddings; 7 output columns, no tiles
     (9, 9, 5, 6, (3, 3), (1, 1), ((1, 1), (1, 1))),
     (9, 8, 5, 6, (3, 3), (2, 2), ((1, 1), (1, 1))),
     (8, 8, 5, 7, (1, 1), (1, 1), ((0, 0), (0, 0))),
     (9, 9, 5, 7, (1, 1), (2, 2), ((0, 0), (0, 0))),
     (10, 7, 4, 3, (3, 2), (2, 1), ((0, 2), (1, 0))),
+    # Kernels >= 4x the output gradient (layer4's case): dx through input_grad_matmul.
+    (3, 3, 16, 16, (3, 3), (1, 1), ((1, 1), (1, 1))),
+    (6, 5, 16, 12, (3, 3), (2, 2), ((1, 1), (1, 1))),
+    (5, 6, 20, 16, (3, 2), (2, 1), ((0, 2), (1, 0))),
 ]
 
 
@@ -43,6 +50,45 @@ def test_value_and_gradients_equal_lax_conv_in_float64(shape):
     for what, ours, ref in (('value', y, y_ref), ('dx', dx, dx_ref), ('dW', dw, dw_ref)):
       assert ours.shape == ref.shape, what
       assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} vs lax conv (rel)'), what
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: f'{s[4][0]}x{s[4][1]}s{s[5][0]}p{s[6][0][0]}_{s[0]}x{s[1]}')
+def test_each_rewrite_equals_lax_gradients_in_float64(shape):
+  """Both rewrites on every shape, whichever one conv2d's size rule would pick there."""
+  h, w_, cin, cout, kernel, strides, padding = shape
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, h, w_, cin)))
+    w = jnp.asarray(rng.standard_normal(kernel + (cin, cout)))
+    y, vjp_ref = jax.vjp(lambda a, b: _plain(a, b, strides, padding), x, w)
+    dy = jnp.asarray(rng.standard_normal(y.shape))
+    dx_ref, dw_ref = vjp_ref(dy)
+    dx = fast_conv.input_grad_matmul(dy, w, x.shape, strides, padding)
+    dw = fast_conv.kernel_grad(x, dy, w.shape, strides, padding)
+    for what, ours, ref in (('dx', dx, dx_ref), ('dW', dw, dw_ref)):
+      assert ours.shape == ref.shape, what
+      assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} rewrite vs lax (rel)'), what
+
+
+def test_output_tiles_divide_the_output():
+  # ResNet-18 at 224 px: the stem's 112 outputs, layer1-4's 56, 28, 14 and 7.
+  assert [fast_conv.output_tile(n) for n in (112, 56, 28, 14, 7, 1, 2, 9)] == [16, 14, 14, 7, 7, 1, 2, 3]
+
+
+def _op_counts(fn, platform, *args):
+  text = jax.export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+  # lax.platform_dependent leaves a `case` on a constant index (XLA folds it): count the compute ops.
+  return collections.Counter(op for op in re.findall(r'stablehlo\.(\w+)', text)
+                             if op not in ('case', 'return', 'constant'))
+
+
+def test_other_backends_keep_xlas_own_gradients():
+  """Lowered for CUDA, the gradient is lax's own (cuDNN's kernels); for CPU, the rewrites."""
+  x, w = jnp.ones((2, 12, 12, 4)), jnp.ones((3, 3, 4, 4))
+  grad = lambda conv: jax.grad(lambda a, b: jnp.sum(jnp.sin(conv(a, b, (1, 1), ((1, 1), (1, 1))))), (0, 1))
+  fast, plain = (_op_counts(grad(conv), 'cuda', x, w) for conv in (fast_conv.conv2d, _plain))
+  assert fast == plain and fast['convolution'] == 3
+  assert _op_counts(grad(fast_conv.conv2d), 'cpu', x, w)['pad'] > plain['pad']
 
 
 def test_is_a_drop_in_for_flax_conv_and_passes_other_convs_to_lax(monkeypatch):

@@ -8,7 +8,7 @@ freeze by stage without knowing any architecture.
 
 from __future__ import annotations
 
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import flax.linen as nn
 import jax
@@ -29,21 +29,24 @@ HEAD = 'head'
 FEATURES = 'features'
 
 
-def create_model(arch: str, num_classes: int, dtype=None, fast_backward: bool = False) -> nn.Module:
+def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optional[bool] = None) -> nn.Module:
   """torchvision's `arch` (one of ARCHS) with a `num_classes`-way last layer.
 
   ResNet options (see resnet.create_model): `dtype`, the compute dtype of convolutions and
-  matmuls (e.g. jnp.bfloat16; None: float32); `fast_backward`, XLA:CPU-friendly conv weight
-  gradients.
+  matmuls (e.g. jnp.bfloat16; None: float32); `fast_backward`, XLA:CPU-friendly conv
+  gradients (None: the ResNets' default, on).
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  if dtype is None and not fast_backward:
-    return model_class(arch)(arch=arch, num_classes=num_classes)
-  if arch not in resnet.ARCHS:
+  if arch in resnet.ARCHS:
+    return resnet.create_model(arch, num_classes, dtype=dtype,
+                               fast_backward=True if fast_backward is None else fast_backward)
+  if dtype is not None:
     raise ValueError(f'--dtype {jnp.dtype(dtype).name} is built for the ResNets; {arch} computes in float32 '
-                     '(leave --dtype out)' if dtype is not None else f'fast_backward is built for the ResNets, not {arch}')
-  return resnet.create_model(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
+                     '(leave --dtype out)')
+  if fast_backward:
+    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  return model_class(arch)(arch=arch, num_classes=num_classes)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 224) -> dict:

@@ -1,15 +1,20 @@
-"""A 2-D convolution whose weight gradient XLA:CPU computes several times faster.
+"""A 2-D convolution whose gradients XLA:CPU computes faster, through exact rewrites.
 
-XLA:CPU lowers a convolution's weight gradient (dW) to a convolution of the input with the
-output gradient, which its Eigen kernels run slowly for large feature maps with few channels:
-ResNet-18's layer1 3x3 dW takes about twice its forward pass, the 1x1 stride-2 downsample dW
-eight times. The same sum written as one matmul per kernel offset,
+XLA:CPU computes a convolution's weight gradient (dW) as a convolution of the input with the
+output gradient in which the batch is the contracted feature axis: with 4 images, its Eigen
+kernel packs runs of 4 floats and the layout copies around it dominate. ResNet-18's stem dW
+took 2-4x torch's, layer1's about 2x. `kernel_grad` cuts each image into tiles of output
+pixels (with the input pixels they read) and makes the tiles the batch: the same sum, grouped
+so that the contracted axis is tiles x images long (measured 1.3-1.6x faster per conv).
 
-  dW[i, j] = x_padded[:, i::s, j::s, :]^T @ dy    (contracting batch and output pixels),
+Its input gradient (dx) is a convolution with the kernel flipped and its channels swapped, a
+copy of the kernel per step; where the kernel is much larger than the output gradient
+(ResNet's 512-channel convs at small batches) `input_grad_matmul` reads it in place instead.
 
-runs near the machine's matmul rate. The forward pass and the input gradient stay XLA's own
-convolutions, so values are unchanged; only dW's summation order differs (float rounding).
-`scripts/bench_step.py` measures each choice on ResNet-18's shapes.
+Both rewrites apply on CPU only (`lax.platform_dependent`); other backends keep XLA's own
+gradients. The forward pass is lax's convolution, so values are unchanged; gradients differ
+by summation order only (float rounding). `scripts/bench_step.py` measures the ResNet-18 step
+with and without them, and each conv shape.
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ import jax.numpy as jnp
 from jax import lax
 
 # Flax's nn.Conv passes its NHWC / HWIO layout as these numbers (lax's own spelling).
+# dx goes through `input_grad_matmul` when the kernel has at least this many times the output
+# gradient's elements (ResNet-18 at batch 4: layer4's 3x3 convs, 24x and 12x).
+MATMUL_DX_MIN_RATIO = 4
+
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
@@ -30,59 +39,62 @@ def _conv(x_bhwc, kernel_hwio, strides, padding):
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _offset_matmuls(x_bhwc, dy_bhwc, kernel_shape, strides, padding):
-  kh, kw, ci, _ = kernel_shape
-  (sh, sw), (oh, ow) = strides, dy_bhwc.shape[1:3]
-  x_padded = jnp.pad(x_bhwc, ((0, 0), padding[0], padding[1], (0, 0)))
-  n = x_bhwc.shape[0]
-  rows = []
-  for i in range(kh):
-    for j in range(kw):
-      # The input pixels that kernel offset (i, j) multiplies, one per output pixel.
-      taps = lax.slice(x_padded, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, ci),
-                       (1, sh, sw, 1))
-      rows.append(lax.dot_general(taps.reshape(-1, ci), dy_bhwc.reshape(-1, dy_bhwc.shape[-1]),
-                                  (((0,), (0,)), ((), ()))))
-  return jnp.stack(rows).reshape(kernel_shape)
-
-
-def space_to_depth(x_bhwc: jax.Array) -> jax.Array:
-  """(B, 2H, 2W, C) -> (B, H, W, 4C), channel index (row parity, column parity, c)."""
-  b, h, w, c = x_bhwc.shape
-  return x_bhwc.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
-
-
-def _space_to_depth_grad(x_bhwc, dy_bhwc, kernel_shape, padding):
-  """dW of a stride-2 conv through the equal stride-1 conv on the space-to-depth input.
-
-  A k x k stride-2 conv equals a ceil(k/2)-square stride-1 conv over 2x2 pixel blocks
-  (MLPerf's TPU ResNet stem): offset 2a + p of the kernel is block offset a, parity p. The
-  stride-1 form needs a quarter of the offsets, each a matmul over 4x the channels.
-  """
-  kh, kw, ci, co = kernel_shape
-  oh, ow = dy_bhwc.shape[1:3]
-  bh, bw = -(-kh // 2), -(-kw // 2)
-  # Blocks the stride-1 conv reads; the extra zero rows/cols only meet the kernel's zero padding.
-  need_h, need_w = 2 * (oh + bh - 1), 2 * (ow + bw - 1)
-  x_padded = jnp.pad(x_bhwc, ((0, 0), padding[0], padding[1], (0, 0)))
-  x_padded = jnp.pad(x_padded, ((0, 0), (0, max(0, need_h - x_padded.shape[1])),
-                                (0, max(0, need_w - x_padded.shape[2])), (0, 0)))[:, :need_h, :need_w]
-  grad_blocks = _offset_matmuls(space_to_depth(x_padded), dy_bhwc, (bh, bw, 4 * ci, co), (1, 1),
-                                ((0, 0), (0, 0)))
-  grad = grad_blocks.reshape(bh, bw, 2, 2, ci, co).transpose(0, 2, 1, 3, 4, 5).reshape(2 * bh, 2 * bw, ci, co)
-  return grad[:kh, :kw]
+def output_tile(size: int, largest: int = 16) -> int:
+  """The tile (along one output axis) dW is split into: its largest divisor below `size`, at most
+  `largest`; `size` itself (no split) when it has none (a prime, or 1)."""
+  return next((t for t in range(min(largest, size - 1), 1, -1) if size % t == 0), size)
 
 
 def kernel_grad(x_bhwc: jax.Array, dy_bhwc: jax.Array, kernel_shape: Sequence[int],
                 strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """dW of an NHWC/HWIO convolution as matmuls over kernel offsets (batch x pixels contracted).
+  """dW of an NHWC/HWIO convolution, as XLA's own dW of the same conv over output tiles.
 
-  Large stride-2 kernels (the 7x7 stem) go through space-to-depth first: 16 offsets on 12
-  channels instead of 49 on 3 (measured 1.6x faster on one core for ResNet's stem).
+  Each image is cut into tiles of output pixels (with the input pixels they read, so
+  neighbouring tiles share a kernel-size halo), and the tiles become the batch: the sum over
+  batch and output pixels is the same sum, grouped differently.
   """
-  if tuple(strides) == (2, 2) and min(kernel_shape[:2]) >= 4:
-    return _space_to_depth_grad(x_bhwc, dy_bhwc, tuple(kernel_shape), padding)
-  return _offset_matmuls(x_bhwc, dy_bhwc, tuple(kernel_shape), strides, padding)
+  kh, kw = kernel_shape[:2]
+  (sh, sw), (oh, ow), co = strides, dy_bhwc.shape[1:3], dy_bhwc.shape[3]
+  th, tw = output_tile(oh), output_tile(ow)
+  n, ci = x_bhwc.shape[0], x_bhwc.shape[3]
+  x_padded = jnp.pad(x_bhwc, ((0, 0), padding[0], padding[1], (0, 0)))
+  span_h, span_w = (th - 1) * sh + kh, (tw - 1) * sw + kw
+  tiles_h, tiles_w = oh // th, ow // tw
+  x_tiles = jnp.stack([lax.slice(x_padded, (0, a * th * sh, b * tw * sw, 0),
+                                 (n, a * th * sh + span_h, b * tw * sw + span_w, ci))
+                       for a in range(tiles_h) for b in range(tiles_w)], axis=1)
+  x_tiles = x_tiles.reshape(n * tiles_h * tiles_w, span_h, span_w, ci)
+  dy_tiles = dy_bhwc.reshape(n, tiles_h, th, tiles_w, tw, co).transpose(0, 1, 3, 2, 4, 5)
+  dy_tiles = dy_tiles.reshape(n * tiles_h * tiles_w, th, tw, co)
+  _, kernel_vjp = jax.vjp(lambda k: _conv(x_tiles, k, strides, ((0, 0), (0, 0))),
+                          jnp.zeros(kernel_shape, dy_bhwc.dtype))
+  return kernel_vjp(dy_tiles)[0]
+
+
+def input_grad_matmul(dy_bhwc: jax.Array, kernel_hwio: jax.Array, x_shape: Sequence[int],
+                      strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """dx of an NHWC/HWIO convolution as one matmul with the kernel, then a sum of shifted taps.
+
+  XLA computes dx as a convolution with the kernel flipped and its in/out channels swapped, a
+  copy of the whole kernel per step: for ResNet's 512-channel 3x3 convs (a kernel 24x the size
+  of the output gradient at batch 4) that copy makes dx take ~1.7x the forward. Here the kernel
+  is read in place ([kh*kw*ci, co], contracted on co), and each kernel offset's columns are
+  added into the padded input frame at its own shift.
+  """
+  kh, kw, ci, co = kernel_hwio.shape
+  n, h, w, _ = x_shape
+  (sh, sw), (oh, ow) = strides, dy_bhwc.shape[1:3]
+  taps = lax.dot_general(dy_bhwc.reshape(-1, co), kernel_hwio.reshape(kh * kw * ci, co),
+                         (((1,), (1,)), ((), ()))).reshape(n, oh, ow, kh, kw, ci)
+  frame_h, frame_w = h + sum(padding[0]), w + sum(padding[1])
+  zero = jnp.zeros((), taps.dtype)
+  dx_padded = sum(
+      # Offset (i, j)'s contributions land at i + sh * output row (interior padding = stride - 1).
+      lax.pad(taps[:, :, :, i, j, :], zero,
+              ((0, 0, 0), (i, frame_h - i - (oh - 1) * sh - 1, sh - 1),
+               (j, frame_w - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
+      for i in range(kh) for j in range(kw))
+  return lax.slice(dx_padded, (0, padding[0][0], padding[1][0], 0), (n, padding[0][0] + h, padding[1][0] + w, ci))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -96,12 +108,31 @@ def _conv2d_fwd(x_bhwc, kernel_hwio, strides, padding):
   return _conv(x_bhwc, kernel_hwio, strides, padding), (x_bhwc, kernel_hwio)
 
 
+def _xla_grads(strides, padding, x_bhwc, kernel_hwio, dy_bhwc):
+  _, vjp = jax.vjp(lambda x, k: _conv(x, k, strides, padding), x_bhwc, kernel_hwio)
+  return vjp(dy_bhwc)
+
+
+def _cpu_grads(strides, padding, x_bhwc, kernel_hwio, dy_bhwc):
+  if kernel_hwio.size >= MATMUL_DX_MIN_RATIO * dy_bhwc.size:
+    dx = input_grad_matmul(dy_bhwc, kernel_hwio, x_bhwc.shape, strides, padding)
+  else:
+    # XLA's own input gradient (as fast as the forward here); dead code where the input is data.
+    _, input_vjp = jax.vjp(lambda x: _conv(x, kernel_hwio, strides, padding), x_bhwc)
+    (dx,) = input_vjp(dy_bhwc)
+  if kernel_hwio.shape[0] * kernel_hwio.shape[1] == 1:
+    # A 1x1 kernel's dW is a single matmul already; tiles would only copy.
+    _, kernel_vjp = jax.vjp(lambda k: _conv(x_bhwc, k, strides, padding), kernel_hwio)
+    return dx, kernel_vjp(dy_bhwc)[0]
+  return dx, kernel_grad(x_bhwc, dy_bhwc, kernel_hwio.shape, strides, padding)
+
+
 def _conv2d_bwd(strides, padding, residuals, dy_bhwc):
   x_bhwc, kernel_hwio = residuals
-  # XLA's own input gradient (it is as fast as the forward); dead code where the input is data.
-  _, input_vjp = jax.vjp(lambda x: _conv(x, kernel_hwio, strides, padding), x_bhwc)
-  (dx,) = input_vjp(dy_bhwc)
-  return dx, kernel_grad(x_bhwc, dy_bhwc, kernel_hwio.shape, strides, padding)
+  # The rewrites are for XLA:CPU's kernels; other backends (cuDNN) keep XLA's own gradients.
+  return lax.platform_dependent(x_bhwc, kernel_hwio, dy_bhwc,
+                                cpu=functools.partial(_cpu_grads, strides, padding),
+                                default=functools.partial(_xla_grads, strides, padding))
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -24,7 +24,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
-          dtype: Any = None, fast_backward: bool = False) -> nn.Conv:
+          dtype: Any = None, fast_backward: bool = True) -> nn.Conv:
   # fast_backward: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
@@ -52,7 +52,7 @@ class BasicBlock(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: Any = None
-  fast_backward: bool = False
+  fast_backward: bool = True
   expansion = 1
 
   def setup(self):
@@ -78,7 +78,7 @@ class Bottleneck(nn.Module):
   stride: int = 1
   downsample: bool = False
   dtype: Any = None
-  fast_backward: bool = False
+  fast_backward: bool = True
   expansion = 4
 
   def setup(self):
@@ -136,8 +136,8 @@ class ResNet(nn.Module):
   # Compute dtype of convs and the fc (e.g. jnp.bfloat16); params, BatchNorm statistics and the
   # logits stay float32. None: the dtype of the inputs and params (float32, or float64 in tests).
   dtype: Any = None
-  # True: conv weight gradients through tl_jax's matmul rewrites (see create_model).
-  fast_backward: bool = False
+  # True: conv gradients through tl_jax's XLA:CPU rewrites (see create_model); same values.
+  fast_backward: bool = True
 
   def setup(self):
     spec = ARCHS[self.arch]
@@ -189,11 +189,13 @@ class ResNet(nn.Module):
     return self.head(self.features(x_bhwc, train if bn_train is None else bn_train, mask_b))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: bool = False) -> ResNet:
+def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: bool = True) -> ResNet:
   """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype` (None: float32).
 
-  `fast_backward=True` computes conv weight gradients as matmuls (`tl_jax.models.fast_conv`):
-  same parameters and values, gradients equal in float64 (1e-12) and up to float32 rounding.
+  `fast_backward` (default True) computes conv gradients on XLA:CPU through exact rewrites that
+  its kernels run faster (`tl_jax.models.fast_conv`; other backends keep XLA's own): same
+  parameters and values, gradients equal in float64 (1e-12) and up to float32 rounding.
+  False: XLA's own gradients everywhere.
   (The max-pool gradient always goes through `layers.max_pool`, torch's own, without index arrays.)
   """
   if arch not in ARCHS:
