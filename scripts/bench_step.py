@@ -156,7 +156,7 @@ def jax_profile(strategy: str, batch: int, size: int, steps: int = 3, top: int =
   import json
   import re
   import tempfile
-  run, _ = jax_step(strategy, False, batch, size)
+  run, _ = jax_step(strategy, True, batch, size)   # the default model (fast_conv on)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(steps):
