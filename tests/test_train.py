@@ -159,10 +159,12 @@ def _count_convs(jaxpr) -> int:
     for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, 'subjaxprs') else []:
       count += _count_convs(sub)
     for param in eqn.params.values():
-      if hasattr(param, 'jaxpr') and hasattr(param.jaxpr, 'eqns'):
-        count += _count_convs(param.jaxpr)
-      elif hasattr(param, 'eqns'):
-        count += _count_convs(param)
+      # A cond's branches (lax.platform_dependent in fast_conv's backward) come as a tuple.
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, 'jaxpr') and hasattr(sub.jaxpr, 'eqns'):
+          count += _count_convs(sub.jaxpr)
+        elif hasattr(sub, 'eqns'):
+          count += _count_convs(sub)
   return count
 
 
