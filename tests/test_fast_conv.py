@@ -35,39 +35,46 @@ def _plain(x, w, strides, padding):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: f'{s[4][0]}x{s[4][1]}s{s[5][0]}p{s[6][0][0]}_{s[0]}x{s[1]}')
-def test_value_and_gradients_equal_lax_conv_in_float64(shape):
+_IDS = lambda s: f'{s[4][0]}x{s[4][1]}s{s[5][0]}p{s[6][0][0]}_{s[0]}x{s[1]}'
+
+
+def _lax_reference(shape, seed):
+  """float64 x, w, dy of `shape` and lax's conv value and gradients: (x, w, dy, y, dx, dW)."""
   h, w_, cin, cout, kernel, strides, padding = shape
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((3, h, w_, cin)))
+  w = jnp.asarray(rng.standard_normal(kernel + (cin, cout)))
+  y, vjp = jax.vjp(lambda a, b: _plain(a, b, strides, padding), x, w)
+  dy = jnp.asarray(rng.standard_normal(y.shape))
+  return (x, w, dy, y) + tuple(vjp(dy))
+
+
+def _assert_equal_f64(label, pairs):
+  for what, ours, ref in pairs:
+    assert ours.shape == ref.shape, what
+    assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} {label} (rel)'), what
+
+
+@pytest.mark.parametrize('shape', SHAPES, ids=_IDS)
+def test_value_and_gradients_equal_lax_conv_in_float64(shape):
+  strides, padding = shape[5:]
   with jax.enable_x64(True):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((3, h, w_, cin)))
-    w = jnp.asarray(rng.standard_normal(kernel + (cin, cout)))
-    y_ref, vjp_ref = jax.vjp(lambda a, b: _plain(a, b, strides, padding), x, w)
+    x, w, dy, y_ref, dx_ref, dw_ref = _lax_reference(shape, seed=0)
     y, vjp = jax.vjp(lambda a, b: fast_conv.conv2d(a, b, strides, padding), x, w)
-    dy = jnp.asarray(rng.standard_normal(y_ref.shape))
-    (dx_ref, dw_ref), (dx, dw) = vjp_ref(dy), vjp(dy)
+    dx, dw = vjp(dy)
     assert y.dtype == dw.dtype == jnp.float64
-    for what, ours, ref in (('value', y, y_ref), ('dx', dx, dx_ref), ('dW', dw, dw_ref)):
-      assert ours.shape == ref.shape, what
-      assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} vs lax conv (rel)'), what
+    _assert_equal_f64('vs lax conv', (('value', y, y_ref), ('dx', dx, dx_ref), ('dW', dw, dw_ref)))
 
 
-@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: f'{s[4][0]}x{s[4][1]}s{s[5][0]}p{s[6][0][0]}_{s[0]}x{s[1]}')
+@pytest.mark.parametrize('shape', SHAPES, ids=_IDS)
 def test_each_rewrite_equals_lax_gradients_in_float64(shape):
   """Both rewrites on every shape, whichever one conv2d's size rule would pick there."""
-  h, w_, cin, cout, kernel, strides, padding = shape
+  strides, padding = shape[5:]
   with jax.enable_x64(True):
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.standard_normal((2, h, w_, cin)))
-    w = jnp.asarray(rng.standard_normal(kernel + (cin, cout)))
-    y, vjp_ref = jax.vjp(lambda a, b: _plain(a, b, strides, padding), x, w)
-    dy = jnp.asarray(rng.standard_normal(y.shape))
-    dx_ref, dw_ref = vjp_ref(dy)
+    x, w, dy, _, dx_ref, dw_ref = _lax_reference(shape, seed=1)
     dx = fast_conv.input_grad_matmul(dy, w, x.shape, strides, padding)
     dw = fast_conv.kernel_grad(x, dy, w.shape, strides, padding)
-    for what, ours, ref in (('dx', dx, dx_ref), ('dW', dw, dw_ref)):
-      assert ours.shape == ref.shape, what
-      assert within(rel_err(ours, ref), 'rewrite_rel_f64', f'fast_conv {what} rewrite vs lax (rel)'), what
+    _assert_equal_f64('rewrite vs lax', (('dx', dx, dx_ref), ('dW', dw, dw_ref)))
 
 
 def test_output_tiles_divide_the_output():
