@@ -5,8 +5,9 @@
 Every variant is compiled first, then the variants run in turn, one step each per round, so a
 busy machine slows them alike; the table shows the median over rounds. Variants: XLA's own conv
 gradients (`xla`, create_model(fast_backward=False)), tl_jax's default with fast_conv's CPU
-rewrites (`fast`) and torch (the tutorial's model.train() + SGD step). `--ops` adds a per-convolution breakdown: forward,
-input gradient and weight gradient of every distinct ResNet-18 conv shape, XLA, fast and torch.
+rewrites (`fast`) and torch (the tutorial's model.train() + SGD step). `--ops` adds a
+per-convolution breakdown: forward, input gradient and weight gradient of every distinct
+ResNet-18 conv shape, XLA, fast and torch.
 """
 
 from __future__ import annotations

@@ -26,17 +26,29 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Flax's nn.Conv passes its NHWC / HWIO layout as these numbers (lax's own spelling).
 # dx goes through `input_grad_matmul` when the kernel has at least this many times the output
 # gradient's elements (ResNet-18 at batch 4: layer4's 3x3 convs, 24x and 12x).
 MATMUL_DX_MIN_RATIO = 4
 
+# Flax's nn.Conv passes its NHWC / HWIO layout as these numbers (lax's own spelling).
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
 
 
 def _conv(x_bhwc, kernel_hwio, strides, padding):
   return lax.conv_general_dilated(x_bhwc, kernel_hwio, strides, padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _xla_dx(x_bhwc, kernel_hwio, dy_bhwc, strides, padding):
+  # XLA's own input gradient; dead code where the input is data.
+  _, vjp = jax.vjp(lambda x: _conv(x, kernel_hwio, strides, padding), x_bhwc)
+  return vjp(dy_bhwc)[0]
+
+
+def _xla_dw(x_bhwc, dy_bhwc, kernel_shape, strides, padding):
+  # XLA's own weight gradient (the conv is linear in the kernel: any kernel value gives it).
+  _, vjp = jax.vjp(lambda k: _conv(x_bhwc, k, strides, padding), jnp.zeros(kernel_shape, dy_bhwc.dtype))
+  return vjp(dy_bhwc)[0]
 
 
 def output_tile(size: int, largest: int = 16) -> int:
@@ -66,9 +78,7 @@ def kernel_grad(x_bhwc: jax.Array, dy_bhwc: jax.Array, kernel_shape: Sequence[in
   x_tiles = x_tiles.reshape(n * tiles_h * tiles_w, span_h, span_w, ci)
   dy_tiles = dy_bhwc.reshape(n, tiles_h, th, tiles_w, tw, co).transpose(0, 1, 3, 2, 4, 5)
   dy_tiles = dy_tiles.reshape(n * tiles_h * tiles_w, th, tw, co)
-  _, kernel_vjp = jax.vjp(lambda k: _conv(x_tiles, k, strides, ((0, 0), (0, 0))),
-                          jnp.zeros(kernel_shape, dy_bhwc.dtype))
-  return kernel_vjp(dy_tiles)[0]
+  return _xla_dw(x_tiles, dy_tiles, kernel_shape, strides, ((0, 0), (0, 0)))
 
 
 def input_grad_matmul(dy_bhwc: jax.Array, kernel_hwio: jax.Array, x_shape: Sequence[int],
@@ -109,21 +119,18 @@ def _conv2d_fwd(x_bhwc, kernel_hwio, strides, padding):
 
 
 def _xla_grads(strides, padding, x_bhwc, kernel_hwio, dy_bhwc):
-  _, vjp = jax.vjp(lambda x, k: _conv(x, k, strides, padding), x_bhwc, kernel_hwio)
-  return vjp(dy_bhwc)
+  return (_xla_dx(x_bhwc, kernel_hwio, dy_bhwc, strides, padding),
+          _xla_dw(x_bhwc, dy_bhwc, kernel_hwio.shape, strides, padding))
 
 
 def _cpu_grads(strides, padding, x_bhwc, kernel_hwio, dy_bhwc):
   if kernel_hwio.size >= MATMUL_DX_MIN_RATIO * dy_bhwc.size:
     dx = input_grad_matmul(dy_bhwc, kernel_hwio, x_bhwc.shape, strides, padding)
   else:
-    # XLA's own input gradient (as fast as the forward here); dead code where the input is data.
-    _, input_vjp = jax.vjp(lambda x: _conv(x, kernel_hwio, strides, padding), x_bhwc)
-    (dx,) = input_vjp(dy_bhwc)
+    dx = _xla_dx(x_bhwc, kernel_hwio, dy_bhwc, strides, padding)   # as fast as the forward here
   if kernel_hwio.shape[0] * kernel_hwio.shape[1] == 1:
     # A 1x1 kernel's dW is a single matmul already; tiles would only copy.
-    _, kernel_vjp = jax.vjp(lambda k: _conv(x_bhwc, k, strides, padding), kernel_hwio)
-    return dx, kernel_vjp(dy_bhwc)[0]
+    return dx, _xla_dw(x_bhwc, dy_bhwc, kernel_hwio.shape, strides, padding)
   return dx, kernel_grad(x_bhwc, dy_bhwc, kernel_hwio.shape, strides, padding)
 
 

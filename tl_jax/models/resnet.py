@@ -25,7 +25,7 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
           dtype: Any = None, fast_backward: bool = True) -> nn.Conv:
-  # fast_backward: same values, a weight gradient XLA:CPU computes faster (see fast_conv).
+  # fast_backward: same values, conv gradients XLA:CPU computes faster (see fast_conv).
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
                  kernel_init=_conv_init, name=name, dtype=dtype,
