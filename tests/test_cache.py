@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from helpers import require_data
-from tl_jax.data.cache import CachePolicyError, DecodedCache, cached_loader, decoded_bytes, should_cache
+from tl_jax.data.cache import (CachePolicyError, DecodedCache, cached_loader, decoded_bytes, should_cache,
+                                should_cache_rows)
 from tl_jax.data.folder import ImageFolder, load_image
 from tl_jax.data.loader import Loader
 from tl_jax.data.transforms import TrainTransform
@@ -79,3 +80,11 @@ def test_loader_batches_are_identical_with_the_cache_on_real_images():
       np.testing.assert_array_equal(a.images, b.images)
       np.testing.assert_array_equal(a.labels, b.labels)
   assert cached.load.misses == len(samples) and cached.load.hits == len(samples)
+
+
+def test_rows_are_kept_by_the_same_policy_within_the_budget():
+  assert should_cache_rows('auto', 100, budget_bytes=100) and not should_cache_rows('auto', 101, budget_bytes=100)
+  assert should_cache_rows('true', 10**15) and should_cache_rows(True, 10**15)
+  assert not should_cache_rows('false', 0) and not should_cache_rows(False, 0)
+  with pytest.raises(CachePolicyError, match='cache_decoded'):
+    should_cache_rows('yes', 0)

@@ -151,3 +151,23 @@ def test_pipeline_row_keeps_the_pipelines_error_for_a_normalize_of_the_wrong_len
                                      {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.2, 0.2, 0.2]}}])
   with pytest.raises(ValueError, match='mean has 3 values but the image has 1 channels'):
     pipeline_row(pipeline, _photo(8, 8, 0), None)
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_cached_rows_are_made_once_and_give_the_same_batches_every_epoch(workers):
+  calls = []
+
+  def counting(img, rng):
+    calls.append(img.getpixel((0, 0)))
+    return _transform(img, rng)
+
+  plain = Loader(_samples(7), _transform, 3, shuffle=False, workers=workers, load=_fake_load)
+  cached = Loader(_samples(7), counting, 3, shuffle=False, workers=workers, load=_fake_load, cache_rows=True)
+  for epoch in range(3):
+    batches = list(cached.epoch(epoch))
+    for a, b in zip(plain.epoch(epoch), batches, strict=True):
+      np.testing.assert_array_equal(a.images, b.images)
+      np.testing.assert_array_equal(a.mask, b.mask)
+    batches[0].images[:] = -1   # a consumer writing into its batch does not reach the kept rows
+  assert sorted(calls) == list(range(7))
+  assert cached.cached_row_bytes == 7 * 2 * 2 * 3 * 4 and plain.cached_row_bytes == 0

@@ -1,5 +1,6 @@
 """Train steps against PyTorch: 5 SGD steps from the same weights on the same augmented images."""
 
+import dataclasses
 import functools
 
 import jax
@@ -423,3 +424,26 @@ def test_every_shipped_config_runs_one_short_epoch_per_stage(tmp_path, name):
                               log=lambda _: None)
   assert [row['stage'] for row in result.history] == [s['name'] for s in values['stages']]
   assert all(np.isfinite(row['train_loss']) and np.isfinite(row['val_loss']) for row in result.history)
+
+
+@pytest.mark.parametrize('policy,val_rows', [('auto', True), (True, True), (False, False)])
+def test_val_rows_are_kept_under_the_decoded_cache_policy_and_their_images_are_not(tmp_path, policy, val_rows):
+  from tl_jax import train as train_lib
+  from tl_jax.weights import IMAGENET_PREPROCESSING
+  config = _small_config(tmp_path, [{'name': 'head', 'epochs': 1, 'trainable': ['head']}], cache_decoded=policy)
+  data = train_lib.load_data(config)
+  opened = []
+  load = data.load
+  data = dataclasses.replace(data, load=lambda key: opened.append(key) or load(key))
+  train, val = train_lib.make_loaders(config, data, train_lib.make_transforms(config, IMAGENET_PREPROCESSING))
+  for epoch in range(2):
+    for loader in (train, val):
+      list(loader.epoch(epoch))
+  val_keys = {key for key, _ in data.val.samples}
+  # Random train transforms: never rows, but decoded images when the policy caches.
+  assert train.cached_row_bytes == 0
+  assert (val.cached_row_bytes > 0) == val_rows
+  train_opens = [key for key in opened if key not in val_keys]
+  assert len(train_opens) == len(data.train.samples) * (1 if policy is not False else 2)
+  # Kept rows: each val image is opened once; without them, every epoch.
+  assert len(opened) - len(train_opens) == len(val_keys) * (1 if val_rows else 2)

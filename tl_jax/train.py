@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -200,17 +200,24 @@ def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
                     T.build_pipeline(val_spec, where='data.val_transforms'))
 
 
-def decoded_cache(config: Config, data: Data) -> Callable:
-  """`data.load`, or one cache of decoded images for train and val (data.cache_decoded, tl_jax.data.cache).
+def decoded_cache(config: Config, data: Data, samples: Optional[Sequence] = None,
+                  budget_bytes: Optional[int] = None) -> Callable:
+  """`data.load`, or one cache of decoded images (data.cache_decoded, tl_jax.data.cache) for `samples`
+  (default: train and val); other samples are loaded as they are.
 
   'auto' sizes the set from the files' headers, so it applies to folders; a TFDS set is cached
   only when asked (true).
   """
   from tl_jax.data import cache
   policy = config.data.cache_decoded
-  if policy == 'auto' and data.source.get('kind') == 'tfds':
+  samples = list(data.train.samples) + list(data.val.samples) if samples is None else list(samples)
+  if not samples or (policy == 'auto' and data.source.get('kind') == 'tfds'):
     return data.load
-  return cache.cached_loader(data.load, list(data.train.samples) + list(data.val.samples), policy)
+  decoded = cache.cached_loader(data.load, samples, policy, budget_bytes)
+  if decoded is data.load:
+    return decoded
+  keys = {key for key, _ in samples}
+  return lambda key: decoded(key) if key in keys else data.load(key)
 
 
 def _uint8_transform(pipeline, img, rng):
@@ -226,16 +233,35 @@ def make_loaders(config: Config, data: Data, transforms: Transforms, uint8: bool
     uint8: batches hold uint8 pixels and the steps normalise them on the device (4x fewer bytes
       to the device), to the same float32 values.
   """
+  from tl_jax.data import cache
   d = config.data
-  common = dict(seed=config.seed, workers=d.workers, prefetch=d.prefetch, load=decoded_cache(config, data),
+  # A phase whose transforms draw nothing at random (val) keeps its finished rows, the others their
+  # decoded images (data.cache_decoded); each process holds its own rows.
+  phases = {'train': (data.train.samples, transforms.train), 'val': (data.val.samples, transforms.val)}
+  row_bytes = {name: len(samples) // jax.process_count() * _row_nbytes(pipeline, uint8)
+               for name, (samples, pipeline) in phases.items() if pipeline.deterministic}
+  if not all(row_bytes.values()) or not cache.should_cache_rows(d.cache_decoded, sum(row_bytes.values())):
+    row_bytes = {}
+  budget = cache.default_budget_bytes() - sum(row_bytes.values())
+  decoded = [s for name, (samples, _) in phases.items() if name not in row_bytes for s in samples]
+  common = dict(seed=config.seed, workers=d.workers, prefetch=d.prefetch,
+                load=decoded_cache(config, data, decoded, budget),
                 process_index=jax.process_index(), process_count=jax.process_count())
   train_tf, val_tf = transforms.train, transforms.val
   if uint8:
     train_tf = functools.partial(_uint8_transform, transforms.train)
     val_tf = functools.partial(_uint8_transform, transforms.val)
-  train = Loader(data.train.samples, train_tf, d.batch_size, shuffle=True, **common)
-  val = Loader(data.val.samples, val_tf, d.eval_batch_size, shuffle=False, **common)
+  train = Loader(data.train.samples, train_tf, d.batch_size, shuffle=True, cache_rows='train' in row_bytes,
+                 **common)
+  val = Loader(data.val.samples, val_tf, d.eval_batch_size, shuffle=False, cache_rows='val' in row_bytes, **common)
   return train, val
+
+
+def _row_nbytes(pipeline, uint8: bool) -> int:
+  """Bytes of one of `pipeline`'s rows (float32, or uint8 for on-device normalisation); 0 when its
+  output size depends on the image."""
+  size_hw = pipeline.output_size
+  return 0 if size_hw is None else size_hw[0] * size_hw[1] * 3 * (1 if uint8 else 4)
 
 
 def spread_sample_loader(loader: Loader, count: int) -> Loader:

@@ -10,6 +10,11 @@ Policy (`data.cache_decoded`): 'false' never caches; 'true' always does; 'auto' 
 the decoded data set fits the budget, by default min(2 GiB, a quarter of physical memory)
 (`default_budget_bytes`). The size is read from the image headers up front, without
 decoding: width x height x channels bytes per image.
+
+A phase whose transforms draw nothing at random (the val phase: Resize, CenterCrop, Normalize)
+goes one step further under the same policy (`should_cache_rows`): its loader keeps the
+finished rows (`Loader(cache_rows=True)`, 224 x 224 x 3 float32 = 0.6 MB each), so resizing
+and normalising happen once too, and its images need no decoded copy.
 """
 
 from __future__ import annotations
@@ -106,6 +111,14 @@ def should_cache(policy: Union[str, bool], samples: Sequence[tuple[str, int]],
     return policy == 'true'
   budget = default_budget_bytes() if budget_bytes is None else budget_bytes
   return decoded_bytes([os.fspath(path) for path, _ in samples]) <= budget
+
+
+def should_cache_rows(policy: Union[str, bool], nbytes: int, budget_bytes: Optional[int] = None) -> bool:
+  """Whether a phase with deterministic transforms keeps its finished rows (`nbytes` in all), by the
+  same policy as decoded images: 'auto' when they fit `budget_bytes`."""
+  if isinstance(policy, bool) or policy != 'auto':
+    return should_cache(policy, [])
+  return nbytes <= (default_budget_bytes() if budget_bytes is None else budget_bytes)
 
 
 def cached_loader(load: Load, samples: Sequence[tuple[str, int]], policy: Union[str, bool] = 'auto',

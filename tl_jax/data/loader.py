@@ -96,11 +96,15 @@ class Loader:
       every global batch: rows p*B/P .. (p+1)*B/P-1 of global batch b, i.e. positions of the
       epoch's one seeded order. A sample keeps its position, so its augmentation is the same
       whatever the process count.
+    cache_rows: keep each finished row after it is first made and return it again in later
+      epochs, for a `transform` that draws nothing at random (the val phase's Resize and
+      CenterCrop): its rows are the same every epoch, so the work is done once.
   """
 
   def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, batch_size: int,
                shuffle: bool, seed: int = 0, workers: int = 2, prefetch: int = 4,
-               load: Callable[[str], Image.Image] = load_image, process_index: int = 0, process_count: int = 1):
+               load: Callable[[str], Image.Image] = load_image, process_index: int = 0, process_count: int = 1,
+               cache_rows: bool = False):
     if not samples:
       raise ValueError('no samples to load')
     if batch_size % process_count or not 0 <= process_index < process_count:
@@ -118,6 +122,8 @@ class Loader:
     self.prefetch = prefetch
     self.load = load
     self.wait_seconds = 0.0  # time the consumer spent blocked on data, reset each epoch
+    # Finished rows by dataset index (cache_rows); rows are copied into each batch, never handed out.
+    self._rows: Optional[dict[int, np.ndarray]] = {} if cache_rows else None
 
   def __len__(self) -> int:
     return -(-len(self.samples) // self.batch_size)
@@ -127,12 +133,24 @@ class Loader:
       return np.arange(len(self.samples))
     return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
 
+  @property
+  def cached_row_bytes(self) -> int:
+    """Bytes of the rows kept so far (cache_rows)."""
+    return sum(row.nbytes for row in self._rows.values()) if self._rows else 0
+
   def _example(self, epoch: int, position: int, index: int) -> np.ndarray:
+    if self._rows is not None and index in self._rows:
+      return self._rows[index]
     path, _ = self.samples[index]
     rng = np.random.default_rng([self.seed, epoch, position]) if self.shuffle else None
     if isinstance(self.transform, Pipeline):
-      return pipeline_row(self.transform, self.load(path), rng)
-    return self.transform(self.load(path), rng)
+      row = pipeline_row(self.transform, self.load(path), rng)
+    else:
+      row = self.transform(self.load(path), rng)
+    if self._rows is not None:
+      row.setflags(write=False)
+      self._rows[index] = row   # two threads making the same row store equal arrays
+    return row
 
   def _template(self) -> np.ndarray:
     """A row's shape and dtype, for a batch with no valid row (a process's share of the last one)."""
