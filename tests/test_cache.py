@@ -62,6 +62,12 @@ def test_policy_auto_caches_only_within_the_budget(tmp_path):
   assert cached_loader(load_image, samples, 'auto', budget_bytes=size - 1) is load_image
   assert isinstance(cached_loader(load_image, samples, 'true', budget_bytes=0), DecodedCache)
   assert cached_loader(load_image, samples, 'false') is load_image
+  # Only the given samples' images are kept; another path is decoded each time it is asked for.
+  cached = cached_loader(load_image, samples[:1], 'true')
+  for _ in range(2):
+    for path, _label in samples:
+      np.testing.assert_array_equal(np.asarray(cached(path)), np.asarray(load_image(path)))
+  assert (len(cached), cached.hits, cached.misses) == (1, 1, 1)
   assert should_cache(True, samples) and not should_cache(False, samples)
   assert should_cache('auto', samples)  # a few hundred bytes fit the default budget
   with pytest.raises(CachePolicyError, match=r"cache_decoded.*auto, true, false.*'yes'"):

@@ -200,24 +200,18 @@ def make_transforms(config: Config, preprocessing: Preprocessing) -> Transforms:
                     T.build_pipeline(val_spec, where='data.val_transforms'))
 
 
-def decoded_cache(config: Config, data: Data, samples: Optional[Sequence] = None,
-                  budget_bytes: Optional[int] = None) -> Callable:
-  """`data.load`, or one cache of decoded images (data.cache_decoded, tl_jax.data.cache) for `samples`
-  (default: train and val); other samples are loaded as they are.
+def decoded_cache(config: Config, data: Data, samples: Sequence, budget_bytes: Optional[int] = None) -> Callable:
+  """`data.load`, or a cache of the decoded images of `samples` (data.cache_decoded, tl_jax.data.cache);
+  other samples are loaded as they are.
 
   'auto' sizes the set from the files' headers, so it applies to folders; a TFDS set is cached
   only when asked (true).
   """
   from tl_jax.data import cache
   policy = config.data.cache_decoded
-  samples = list(data.train.samples) + list(data.val.samples) if samples is None else list(samples)
   if not samples or (policy == 'auto' and data.source.get('kind') == 'tfds'):
     return data.load
-  decoded = cache.cached_loader(data.load, samples, policy, budget_bytes)
-  if decoded is data.load:
-    return decoded
-  keys = {key for key, _ in samples}
-  return lambda key: decoded(key) if key in keys else data.load(key)
+  return cache.cached_loader(data.load, samples, policy, budget_bytes)
 
 
 def _uint8_transform(pipeline, img, rng):

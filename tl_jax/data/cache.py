@@ -68,11 +68,13 @@ class DecodedCache:
   """`load` with each result kept as a uint8 array; a callable path -> PIL image.
 
   Thread-safe for the Loader's worker threads: two threads asking for the same new path may
-  both decode it (the same pixels); a lock only guards the byte count.
+  both decode it (the same pixels); a lock only guards the byte count. With `keys`, only those
+  paths are kept; any other is loaded each time it is asked for.
   """
 
-  def __init__(self, load: Load):
+  def __init__(self, load: Load, keys: Optional[Sequence[str]] = None):
     self.load = load
+    self._keys = None if keys is None else {os.fspath(key) for key in keys}
     self._arrays: dict[str, np.ndarray] = {}
     self._lock = threading.Lock()
     self.nbytes = 0
@@ -81,6 +83,8 @@ class DecodedCache:
 
   def __call__(self, path: Union[str, os.PathLike]) -> Image.Image:
     path = os.fspath(path)
+    if self._keys is not None and path not in self._keys:
+      return self.load(path)
     array = self._arrays.get(path)
     if array is not None:
       self.hits += 1
@@ -123,12 +127,15 @@ def should_cache_rows(policy: Union[str, bool], nbytes: int, budget_bytes: Optio
 
 def cached_loader(load: Load, samples: Sequence[tuple[str, int]], policy: Union[str, bool] = 'auto',
                   budget_bytes: Optional[int] = None) -> Load:
-  """`load`, or a `DecodedCache` around it when `policy` says so, for `Loader(load=...)`.
+  """`load`, or a `DecodedCache` of `samples`' images around it when `policy` says so, for `Loader(load=...)`.
 
   Args:
     load: path -> PIL image, e.g. `tl_jax.data.folder.load_image`.
-    samples: the (path, label) pairs the loader will read (their headers size the cache).
+    samples: the (path, label) pairs whose images are kept (their headers size the cache); other
+      paths pass through to `load`.
     policy: 'auto' (cache if the decoded images fit `budget_bytes`), 'true', 'false', or a bool.
     budget_bytes: bound for 'auto'; default `default_budget_bytes()`.
   """
-  return DecodedCache(load) if should_cache(policy, samples, budget_bytes) else load
+  if not should_cache(policy, samples, budget_bytes):
+    return load
+  return DecodedCache(load, [path for path, _ in samples])
