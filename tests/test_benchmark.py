@@ -46,7 +46,7 @@ def test_both_frameworks_train_the_tiny_folder_and_the_report_has_every_epoch(tm
   root = make_folder(tmp_path / 'data')
   report = benchmark.run_benchmark(root, strategies=('frozen',), epochs=2, workers=0, log=lambda _: None)
   entry = report['strategies']['frozen']
-  assert report['dataset_sizes'] == {'train': 8, 'val': 4}
+  assert report['dataset_sizes'] == {'train': 8, 'val': 4, 'classes': 2}
   for name in benchmark.FRAMEWORKS:
     history = entry['runs'][name]['history']
     assert [row['epoch'] for row in history] == [0, 1]
@@ -60,6 +60,10 @@ def test_both_frameworks_train_the_tiny_folder_and_the_report_has_every_epoch(tm
   assert 'ratio tl_jax/torch' in text and 'frozen, 2 epoch(s)' in text
   summary_line = next(line for line in text.splitlines() if line.startswith('frozen     train'))
   assert f'{ratio:.2f}' in summary_line and 'machine:' in text
+  # workers=0: the torch child loads in-process and says so; the FLOP lines are there for both frameworks.
+  assert '(started by none)' in text
+  assert 'FLOPs per epoch' in text and "the epoch's floor" in text
+  assert 'tl_jax achieved' in text and 'torch achieved' in text
 
 
 def test_script_refuses_bad_flags():
@@ -75,3 +79,41 @@ def test_step_time_and_memory_reports_a_step_and_the_peak_rss():
   result = benchmark.step_time_and_memory('resnet18', batch_size=2, strategy='frozen', image_size=32, steps=1)
   assert result['step_seconds'] > 0 and result['compile_seconds'] > 0
   assert 0.1 < result['peak_rss_gib'] < 24
+
+
+@pytest.mark.parametrize('arch', ['resnet18', 'vgg11'])
+@pytest.mark.parametrize('strategy', ['frozen', 'finetune'])
+def test_epoch_flops_equal_torchs_flop_counter(arch, strategy):
+  # torch counts the FLOPs of the tutorial's own step (forward, and the backward autograd runs for
+  # the parameters that require grad) and of an eval forward; ours come from the jaxprs.
+  torch = pytest.importorskip('torch')
+  torchvision = pytest.importorskip('torchvision')
+  from torch.utils.flop_counter import FlopCounterMode
+  from tl_jax.config import TutorialRecipe
+  from tl_jax.reference import torch_tutorial
+  size, batch = 64, 4
+  model = torch_tutorial.build_model(arch, 2, strategy) if arch.startswith('resnet') else getattr(
+      torchvision.models, arch)(num_classes=2)
+  if not arch.startswith('resnet') and strategy == 'frozen':   # the classifier's last Linear learns
+    for name, param in model.named_parameters():
+      param.requires_grad = name.startswith('classifier.6.')
+  images = torch.randn(batch, 3, size, size)
+  with FlopCounterMode(display=False) as train_count:
+    model.train()
+    model(images).sum().backward()
+  with FlopCounterMode(display=False) as val_count, torch.no_grad():
+    model.eval()
+    model(images)
+  ours = benchmark.epoch_flops(TutorialRecipe(arch=arch, strategy=strategy), {'train': 8, 'val': 3}, 2,
+                               image_size=size)
+  # VGG's adaptive average pool (2x2 -> 7x7 at 64 px) is a small matmul in tl_jax, a copy in torch.
+  rel = 1e-9 if arch.startswith('resnet') else 2e-4
+  assert ours['train_per_image'] == pytest.approx(train_count.get_total_flops() / batch, rel=rel)
+  assert ours['val_per_image'] == pytest.approx(val_count.get_total_flops() / batch, rel=rel)
+  assert ours['epoch'] == pytest.approx(8 * ours['train_per_image'] + 3 * ours['val_per_image'])
+
+
+def test_matmul_rates_are_positive():
+  pytest.importorskip('torch')
+  assert benchmark.jax_matmul_gflops(n=256, repeats=2) > 0
+  assert benchmark.torch_matmul_gflops(n=256, repeats=2) > 0

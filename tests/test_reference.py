@@ -91,3 +91,14 @@ def test_optimizer_holds_fc_only_when_frozen():
   assert held == {id(model.fc.weight), id(model.fc.bias)}
   trainable = [name for name, p in model.named_parameters() if p.requires_grad]
   assert trainable == ['fc.weight', 'fc.bias']
+
+
+
+def test_the_benchmarks_spawned_child_forks_its_dataloader_workers(tmp_path):
+  # The benchmark starts the reference with `spawn`, which becomes the child's own default start
+  # method; the tutorial's workers must still be forked, as they are when it runs on Linux.
+  from tl_jax import benchmark
+  root = str(_tiny_image_folder(tmp_path / 'data', train_per_class=1, val_per_class=1))
+  assert benchmark.in_torch_child(torch_tutorial.process_start_method) == 'spawn'
+  assert benchmark.in_torch_child(torch_tutorial.loader_start_methods, root, 2) == {'train': 'fork', 'val': 'fork'}
+  assert benchmark.in_torch_child(torch_tutorial.loader_start_methods, root, 0) == {'train': 'none', 'val': 'none'}

@@ -75,7 +75,105 @@ def _torch_child(config: TutorialRecipe, data_root: str, state_dict, num_threads
                        num_threads=num_threads)
   wall = time.perf_counter() - start
   return FrameworkRun('torch', [dict(row) for row in result.history], {}, float(result.best_val_acc),
-                      int(result.best_epoch), wall, {'device': result.device, 'threads': result.num_threads})
+                      int(result.best_epoch), wall,
+                      {'device': result.device, 'threads': result.num_threads,
+                       'start_method': result.start_method, 'matmul_gflops': torch_matmul_gflops()})
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  fn()   # warm-up (compilation, allocation)
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return sorted(times)[len(times) // 2]
+
+
+def jax_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """GFLOP/s of one jitted float32 (n, n) @ (n, n) on JAX's default device: the machine's matmul rate."""
+  import jax
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  return 2 * n**3 / _median_seconds(lambda: matmul(a, b).block_until_ready(), repeats) / 1e9
+
+
+def torch_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+  """The same float32 matmul in torch (its current thread setting): torch's side of the machine's rate."""
+  import torch
+  a, b = torch.randn(n, n), torch.randn(n, n)
+  return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+
+
+def jaxpr_flops(jaxpr) -> float:
+  """FLOPs (2 per multiply-add) of the convolutions and matmuls of `jaxpr`, sub-jaxprs included.
+
+  Elementwise work (BatchNorm, ReLU, pooling, the optimizer) is not counted: it is a few percent
+  of a CNN's FLOPs and does not run at the matmul rate anyway. A `cond` (e.g. fast_conv's
+  lax.platform_dependent) counts its costliest branch, a `scan` its body times its length.
+  """
+  import math
+  from jax.extend import core as jax_core
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == 'conv_general_dilated':
+      rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
+      rhs_spec = eqn.params['dimension_numbers'].rhs_spec   # (out features, in features, *spatial)
+      per_output = rhs.shape[rhs_spec[1]] * math.prod(rhs.shape[d] for d in rhs_spec[2:])
+      # An input gradient of a strided conv dilates its input with zeros: only 1 in prod(lhs_dilation)
+      # of the products is work (those are the forward's products again).
+      zeros = math.prod(eqn.params['lhs_dilation'] or (1,))
+      total += 2.0 * math.prod(out.shape) * per_output / zeros
+    elif name == 'dot_general':
+      (lhs_contract, _), _ = eqn.params['dimension_numbers']
+      lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+      total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lhs_contract)
+    elif name == 'cond':
+      total += max(jaxpr_flops(branch.jaxpr) for branch in eqn.params['branches'])
+    elif name == 'scan':
+      total += eqn.params['length'] * jaxpr_flops(eqn.params['jaxpr'].jaxpr)
+    else:
+      total += sum(jaxpr_flops(sub) for sub in jax_core.jaxprs_in_params(eqn.params))
+  return total
+
+
+def epoch_flops(config: TutorialRecipe, sizes: dict[str, int], num_classes: int = 2, image_size: int = 224) -> dict:
+  """FLOPs of one epoch of `config`'s strategy, counted from the model's jaxprs.
+
+  train: the train step (train-mode forward, and the backward the strategy needs: `fc` alone when
+  frozen; every input and weight gradient but the image's when fine-tuning) per image, times the
+  train images; val: the eval forward per image, times the val images. The same work as torch's
+  loop, whose frozen backbone has requires_grad off and whose image needs no gradient.
+  Counted on the model with XLA's own gradients (fast_conv's CPU rewrites regroup the same
+  products, and their jaxpr holds forward convolutions that XLA removes as dead code).
+  """
+  import jax
+  import numpy as np
+  from tl_jax import optim
+  from tl_jax.models import create_model
+  from tl_jax.train import TrainState, eval_step, train_step
+  model = create_model(config.arch, num_classes, fast_backward=False)
+  batch = config.batch_size
+  images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), np.float32)
+  example = {'images': images, 'labels': jax.ShapeDtypeStruct((batch,), np.int32),
+             'mask': jax.ShapeDtypeStruct((batch,), np.bool_)}
+  variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
+  tx = optim.make_optimizer(variables['params'], config.strategy, {'name': 'sgd', 'momentum': config.momentum},
+                            config.lr)
+  state = jax.eval_shape(lambda v: TrainState.create(apply_fn=model.apply, params=v['params'], tx=tx,
+                                                     batch_stats=v.get('batch_stats', {}),
+                                                     rng=jax.random.PRNGKey(0)), variables)
+  trainable = optim.trainable_mask(state.params, config.strategy)
+  train = functools.partial(train_step, model=model, trainable=trainable, bn_train=config.bn == 'train')
+  train_per_image = jaxpr_flops(jax.make_jaxpr(train)(state, example).jaxpr) / batch
+  val_per_image = jaxpr_flops(jax.make_jaxpr(functools.partial(eval_step, model=model))(state, example).jaxpr) / batch
+  flops = {'train_per_image': train_per_image, 'val_per_image': val_per_image,
+           'train': train_per_image * sizes['train'], 'val': val_per_image * sizes['val']}
+  flops['epoch'] = flops['train'] + flops['val']
+  return flops
 
 
 def run_torch(config: TutorialRecipe, data_root: str | Path, state_dict=None, num_threads: Optional[int] = None,
@@ -84,11 +182,17 @@ def run_torch(config: TutorialRecipe, data_root: str | Path, state_dict=None, nu
 
   A child because JAX, once imported here, runs threads, and the tutorial's DataLoader workers
   are fork()ed: forking a process with JAX's threads can deadlock. The child imports no JAX, and
-  its progress lines go straight to stderr.
+  its progress lines go straight to stderr. Its DataLoader forks its workers as the tutorial's
+  does on Linux, although the child itself was spawned (torch_tutorial.worker_context).
   """
+  return in_torch_child(_torch_child, config, str(data_root), state_dict, num_threads, prefix)
+
+
+def in_torch_child(fn: Callable, *args) -> Any:
+  """fn(*args) in a fresh process started by `spawn`, as the torch reference runs (see run_torch)."""
   context = multiprocessing.get_context('spawn')
   with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-    return pool.submit(_torch_child, config, str(data_root), state_dict, num_threads, prefix).result()
+    return pool.submit(fn, *args).result()
 
 
 def steady_state_epochs(num_epochs: int) -> list[int]:
@@ -167,9 +271,11 @@ def cpu_model() -> str:
 
 
 def dataset_sizes(data_root: str | Path) -> dict[str, int]:
-  """Images per split as ImageFolder counts them (non-image files such as .gif are not counted)."""
+  """Images per split as ImageFolder counts them (non-image files such as .gif are not counted),
+  and the number of classes."""
   from tl_jax.data.folder import ImageFolder
-  return {split: len(ImageFolder(Path(data_root) / split)) for split in ('train', 'val')}
+  folders = {split: ImageFolder(Path(data_root) / split) for split in ('train', 'val')}
+  return {**{split: len(folder) for split, folder in folders.items()}, 'classes': len(folders['train'].classes)}
 
 
 def case_name(strategy: str, bn: str) -> str:
@@ -208,6 +314,8 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
                         cache_features=cache_features)
   sizes = dataset_sizes(data_root)
   env = environment(torch_threads, workers)
+  # The machine's matmul rate, measured in this run; torch's is measured in each torch child.
+  env['jax_matmul_gflops'] = jax_matmul_gflops() if run_jax else float('nan')
   state_dict = None
   if run_reference and weights != 'random':
     from tl_jax.weights import resolve_weights
@@ -231,6 +339,7 @@ def run_benchmark(data_root: str | Path, *, strategies: Sequence[str] = ('frozen
           'strategy': strategy, 'bn': bn,
           'runs': {framework: run.to_dict() for framework, run in runs.items()},
           'summary': summarize(runs, sizes),
+          'flops': epoch_flops(config, sizes, sizes['classes']),
       }
   return report
 
@@ -260,7 +369,8 @@ def format_report(report: dict) -> str:
       f"torch intra-op {env.get('torch_threads', '-')}, inter-op {env.get('torch_interop_threads', '-')}; "
       f"XLA CPU uses its own pool (XLA_FLAGS={env['xla_flags'] or 'unset'}); "
       f"loader workers: tl_jax {env['tl_jax_loader_workers']} threads, "
-      f"torch DataLoader {env.get('torch_dataloader_workers', '-')} processes",
+      f"torch DataLoader {env.get('torch_dataloader_workers', '-')} processes "
+      f"(started by {torch_start_method(report)})",
       f"data: {sizes['train']} train / {sizes['val']} val images; weights {report['weights']}; "
       f"train batch {cfg['batch_size']} (both); val batch tl_jax {cfg['eval_batch_size']}, "
       f"torch {cfg['batch_size']} (the tutorial's)",
@@ -306,8 +416,47 @@ def format_report(report: dict) -> str:
     if 'tl_jax' in summary:
       lines.append(f"tl_jax data-wait fraction ({_epoch_span(summary['tl_jax']['epochs'])}): "
                    f"{_fmt(100 * summary['tl_jax']['data_wait_fraction'], 1)}% of train seconds")
+    if 'flops' in entry:
+      lines += flops_lines(entry, matmul_rates(report))
   lines += [''] + summary_table(report)
   return '\n'.join(lines)
+
+
+def torch_start_method(report: dict) -> str:
+  """How the torch children's DataLoaders started their workers ('fork', ...), as they reported it."""
+  methods = {entry['runs']['torch']['info'].get('start_method', '?')
+             for entry in report['strategies'].values() if 'torch' in entry['runs']}
+  return ', '.join(sorted(methods)) or 'no torch run'
+
+
+def matmul_rates(report: dict) -> dict[str, float]:
+  """GFLOP/s of a 2048^2 float32 matmul: JAX's (measured once) and torch's (best of its children)."""
+  rates = {'tl_jax': report['environment'].get('jax_matmul_gflops', float('nan'))}
+  torch_rates = [entry['runs']['torch']['info'].get('matmul_gflops', float('nan'))
+                 for entry in report['strategies'].values() if 'torch' in entry['runs']]
+  if torch_rates:
+    rates['torch'] = max(torch_rates)
+  return rates
+
+
+def flops_lines(entry: dict, rates: dict[str, float]) -> list[str]:
+  """An epoch's FLOPs, each framework's achieved rate, and the epoch's floor at the matmul rate."""
+  flops, summary = entry['flops'], entry['summary']
+  lines = [f"FLOPs per epoch (convolutions and matmuls, counted from the model): {flops['epoch'] / 1e12:.3f} T "
+           f"= train {flops['train'] / 1e12:.3f} T ({flops['train_per_image'] / 1e9:.2f} G/img) "
+           f"+ val {flops['val'] / 1e12:.3f} T ({flops['val_per_image'] / 1e9:.2f} G/img)"]
+  rate_text = ', '.join(f'{name} {_fmt(rate, 1)}' for name, rate in rates.items())
+  best = max((r for r in rates.values() if r == r), default=float('nan'))
+  floor = flops['epoch'] / (best * 1e9)
+  lines.append(f"matmul rate (2048^2 float32, this run): {rate_text} GFLOP/s; "
+               f"the epoch's floor at {_fmt(best, 1)} GFLOP/s: {_fmt(floor)} s")
+  for name in FRAMEWORKS:
+    if name in summary:
+      s = summary[name]
+      lines.append(f"{name} achieved ({_epoch_span(s['epochs'])}): epoch {flops['epoch'] / s['seconds'] / 1e9:.1f} "
+                   f"GFLOP/s (train {flops['train'] / s['train_seconds'] / 1e9:.1f}, "
+                   f"val {flops['val'] / s['val_seconds'] / 1e9:.1f}), {s['seconds'] / floor:.2f}x the floor")
+  return lines
 
 
 def summary_table(report: dict) -> list[str]:

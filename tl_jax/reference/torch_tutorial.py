@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing
 import os
 import time
 from typing import Any, Callable, Mapping, Optional
@@ -43,6 +44,7 @@ class TorchResult:
   dataset_sizes: dict[str, int]
   device: str
   num_threads: int
+  start_method: str   # how the DataLoader started its workers ('fork' as on Linux), or 'none' at 0 workers
 
 
 def data_transforms() -> dict[str, transforms.Compose]:
@@ -69,13 +71,49 @@ def image_datasets(data_root: str | os.PathLike) -> dict[str, datasets.ImageFold
   return {x: datasets.ImageFolder(os.path.join(data_root, x), tfms[x]) for x in PHASES}
 
 
+def worker_context(num_workers: int) -> Optional[multiprocessing.context.BaseContext]:
+  """The start method of the tutorial's workers as it runs on Linux: fork.
+
+  Stated, not inherited: a process started by `spawn` (as tl_jax.benchmark starts this one)
+  makes spawn its own default, and the DataLoader would then start fresh interpreters that
+  import torch again, for every phase of every epoch (non-persistent workers). None at 0
+  workers (the DataLoader takes no context then) and where fork does not exist.
+  """
+  if num_workers <= 0 or 'fork' not in multiprocessing.get_all_start_methods():
+    return None
+  return multiprocessing.get_context('fork')
+
+
+def start_method(loader: torch.utils.data.DataLoader) -> str:
+  """How `loader` starts its worker processes: 'fork', 'spawn', ... or 'none' (loads in-process)."""
+  if loader.num_workers == 0:
+    return 'none'
+  context = loader.multiprocessing_context or multiprocessing.get_context()
+  return context.get_start_method()
+
+
 def dataloaders(image_datasets: Mapping[str, datasets.ImageFolder], batch_size: int,
                 num_workers: int, eval_batch_size: Optional[int] = None) -> dict[str, torch.utils.data.DataLoader]:
-  """The tutorial's loaders: both shuffled; val uses `batch_size` too unless `eval_batch_size` is given."""
+  """The tutorial's loaders: both shuffled; val uses `batch_size` too unless `eval_batch_size` is given.
+
+  Workers are forked (`worker_context`), as the tutorial's are on Linux.
+  """
   sizes = {'train': batch_size, 'val': eval_batch_size or batch_size}
   return {x: torch.utils.data.DataLoader(image_datasets[x], batch_size=sizes[x], shuffle=True,
-                                         num_workers=num_workers)
+                                         num_workers=num_workers,
+                                         multiprocessing_context=worker_context(num_workers))
           for x in PHASES}
+
+
+def process_start_method() -> str:
+  """This process's default start method: 'spawn' in the benchmark's child, whatever the platform's."""
+  return multiprocessing.get_start_method()
+
+
+def loader_start_methods(data_root: str | os.PathLike, num_workers: int) -> dict[str, str]:
+  """How the tutorial's loaders over `data_root` start their workers, per phase (see `start_method`)."""
+  loaders = dataloaders(image_datasets(data_root), 4, num_workers)
+  return {phase: start_method(loader) for phase, loader in loaders.items()}
 
 
 def build_model(arch: str, num_classes: int, strategy: str,
@@ -222,4 +260,4 @@ def train_torch(config: TutorialRecipe, data_root: str | os.PathLike, state_dict
   model.load_state_dict(best_model_wts)
   return TorchResult(history=history, best_val_acc=best_acc, best_epoch=best_epoch, model=model,
                      class_names=class_names, dataset_sizes=dataset_sizes, device=str(device),
-                     num_threads=torch.get_num_threads())
+                     num_threads=torch.get_num_threads(), start_method=start_method(loaders['train']))
