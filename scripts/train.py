@@ -70,7 +70,7 @@ def main() -> int:
   # Before any other JAX work: the devices of every process form one mesh.
   parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
   from tl_jax import config as config_lib
-  from tl_jax.train import train_and_evaluate
+  from tl_jax.training import train_and_evaluate
   if args.strategy and args.config:
     raise config_lib.ConfigError('pass --strategy or --config, not both (a config file holds its own stages)')
   strategy = args.strategy or ('finetune' if not args.config else None)

@@ -71,7 +71,7 @@ def setup(strategy):
   import numpy as np
   from tl_jax import optim
   from tl_jax.models import create_model, init_variables
-  from tl_jax.train import TrainState
+  from tl_jax.training import create_train_state
   model = create_model(ARCH, NUM_CLASSES)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=SIZE)
   rng = np.random.default_rng(3)
@@ -82,8 +82,7 @@ def setup(strategy):
       else rng.uniform(0.5, 1.5, x.shape), stats)
   variables = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables)
   tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, LR)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'])
+  state = create_train_state(model, variables, tx)
   images = rng.standard_normal((NUM_SAMPLES, SIZE, SIZE, 3))
   labels = rng.integers(0, NUM_CLASSES, NUM_SAMPLES).astype(np.int32)
   order = rng.permutation(NUM_SAMPLES)
@@ -106,7 +105,7 @@ def run_steps(args, parallel, configs, use_mesh):
   import jax
   import numpy as np
   from tl_jax import optim
-  from tl_jax.train import eval_step, train_step
+  from tl_jax.training import eval_step, train_step
   results = {}
   mesh = parallel.make_mesh() if use_mesh else None
   for strategy, bn in configs:

@@ -14,7 +14,7 @@ from helpers import TorchDraws, data_root, require_data, within
 from tl_jax.data import augment as A
 from tl_jax.data import transforms as T
 # The material's augmentation list and its val list.
-from tl_jax.data.bench import MATERIAL_TRAIN as FULL_TRAIN, MATERIAL_VAL as FULL_VAL
+from benchmarks.loader import MATERIAL_TRAIN as FULL_TRAIN, MATERIAL_VAL as FULL_VAL
 from tl_jax.data.folder import ImageFolder
 from tl_jax.data.loader import Loader
 from tl_jax.weights import Preprocessing
@@ -468,5 +468,5 @@ def test_transforms_table_lists_every_op():
 
 
 def test_importable_from_transforms_module():
-  from tl_jax.data.transforms import TransformSpecError, build_pipeline
+  from tl_jax.data.augment import TransformSpecError, build_pipeline
   assert build_pipeline is A.build_pipeline and TransformSpecError is A.TransformSpecError

@@ -13,8 +13,9 @@ import pytest
 from helpers import nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy, within
 from tl_jax import losses, optim
 from tl_jax.convert import ConversionError
-from tl_jax.models import Backbone, TransferModel, init_transfer_variables, num_features
-from tl_jax.train import TrainState, eval_step, train_step
+from tl_jax.convert import init_transfer_variables
+from tl_jax.models import Backbone, TransferModel, num_features
+from tl_jax.training import create_train_state, eval_step, train_step
 
 BOX = ('xmin', 'ymin', 'xmax', 'ymax')
 
@@ -121,8 +122,7 @@ def test_box_regression_with_a_resnet18_base_beats_the_mean_box():
   model = TransferModel('resnet18', BoxHead())
   variables = init_transfer_variables(model, jax.random.PRNGKey(0), image_size=size)
   tx = optax.adam(1e-3)   # as the material's localisation recipe; converges in a few hundred steps
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(1))
+  state = create_train_state(model, variables, tx, jax.random.PRNGKey(1))
   step = jax.jit(functools.partial(train_step, model=model, bn_train=True, loss=losses.mean_squared_error,
                                    trainable=optim.trainable_mask(state.params, 'finetune')), donate_argnums=0)
   order = np.random.default_rng(2).permutation

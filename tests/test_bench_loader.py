@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from helpers import within
-from tl_jax.data import augment, bench
+from benchmarks import loader as bench
+from tl_jax.data import augment
 from tl_jax.data.folder import ImageFolder
 from tl_jax.data.loader import Loader
 
@@ -112,7 +113,7 @@ def test_script_prints_a_row_per_case_and_framework(tmp_path):
   out = tmp_path / 'rates.json'
   env = {**os.environ, 'PYTHONPATH': str(REPO)}
   proc = subprocess.run(
-      [sys.executable, str(REPO / 'scripts' / 'bench_loader.py'), '--data', str(root), '--workers', '0', '1',
+      [sys.executable, str(REPO / 'benchmarks' / 'bench_loader.py'), '--data', str(root), '--workers', '0', '1',
        '--frameworks', 'tl_jax', 'torchvision', '--lists', 'tutorial', '--tutorial-batch-size', '0', '--epochs', '2',
        '--json', str(out)],
       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)

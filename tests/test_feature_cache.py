@@ -58,7 +58,7 @@ def test_feature_loader_gives_the_image_loaders_rows_labels_and_padding_every_ep
 
 def _run(tmp_path, name, arch, stages, cache, **data):
   from tl_jax.config import validate
-  from tl_jax.train import train_and_evaluate
+  from tl_jax.training import train_and_evaluate
   config = validate({'model': {'arch': arch, 'weights': 'random'},
                      'data': {'path': str(tmp_path / 'data'), 'batch_size': 4, 'eval_batch_size': 8, 'workers': 0,
                               **SMALL_TRANSFORMS, 'cache_features': cache, **data},

@@ -18,7 +18,7 @@ from helpers import random_torchvision_model, rel_err, state_dict_numpy, within
 from tl_jax import optim
 from tl_jax.convert import name_table, torch_to_flax
 from tl_jax.models import create_model
-from tl_jax.train import TrainState, train_step
+from tl_jax.training import create_train_state, train_step
 
 torch = pytest.importorskip('torch')
 
@@ -69,9 +69,7 @@ def _jax_run(initial, spec, lr, strategy, images, labels):
   model = create_model('resnet18', 2)
   variables = torch_to_flax(initial, 'resnet18')
   schedule = optim.make_schedule(SCHEDULE, lr, epochs=3, steps_per_epoch=STEPS_PER_EPOCH)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'],
-                            tx=optim.make_optimizer(variables['params'], strategy, spec, schedule),
-                            batch_stats=variables['batch_stats'])
+  state = create_train_state(model, variables, optim.make_optimizer(variables['params'], strategy, spec, schedule))
   step_fn = jax.jit(functools.partial(train_step, model=model, trainable=optim.trainable_mask(state.params, strategy),
                                       bn_train=True))
   images_bhwc = np.transpose(images, (0, 2, 3, 1))

@@ -194,10 +194,10 @@ def test_unreachable_coordinator_is_one_line_after_a_bounded_wait():
 
 
 def test_bench_gpu_script_smoke(tmp_path):
-  """scripts/bench_gpu.py runs on CPU with a tiny batch, over 1 and 2 forced devices."""
+  """benchmarks/bench_gpu.py runs on CPU with a tiny batch, over 1 and 2 forced devices."""
   out = tmp_path / 'step.json'
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
-  proc = subprocess.run([sys.executable, str(REPO / 'scripts' / 'bench_gpu.py'), '--cpu-devices', '2',
+  proc = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_gpu.py'), '--cpu-devices', '2',
                          '--devices', '1,2', '--dtypes', 'bfloat16', '--batch-size', '2', '--image-size', '32',
                          '--steps', '1', '--rounds', '1', '--json', str(out)],
                         env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -206,7 +206,7 @@ def test_bench_gpu_script_smoke(tmp_path):
   rows = json.loads(out.read_text())
   assert [(r['dtype'], r['devices']) for r in rows] == [('bfloat16', 1), ('bfloat16', 2)]
   assert all(r['images_per_second_best'] > 0 for r in rows)
-  bad = subprocess.run([sys.executable, str(REPO / 'scripts' / 'bench_gpu.py'), '--cpu-devices', '2',
+  bad = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'bench_gpu.py'), '--cpu-devices', '2',
                         '--devices', '2', '--batch-size', '3', '--dtypes', 'float32'],
                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   assert bad.returncode == 2

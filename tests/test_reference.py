@@ -7,7 +7,7 @@ torch = pytest.importorskip('torch')
 pytest.importorskip('torchvision')
 
 from tl_jax.config import TutorialRecipe  # noqa: E402
-from tl_jax.reference import torch_tutorial  # noqa: E402
+from benchmarks import torch_tutorial  # noqa: E402
 
 
 def _tiny_image_folder(root, train_per_class=4, val_per_class=2, size=40):
@@ -97,8 +97,8 @@ def test_optimizer_holds_fc_only_when_frozen():
 def test_the_benchmarks_spawned_child_forks_its_dataloader_workers(tmp_path):
   # The benchmark starts the reference with `spawn`, which becomes the child's own default start
   # method; the tutorial's workers must still be forked, as they are when it runs on Linux.
-  from tl_jax import benchmark
+  from benchmarks import epochs
   root = str(_tiny_image_folder(tmp_path / 'data', train_per_class=1, val_per_class=1))
-  assert benchmark.in_torch_child(torch_tutorial.process_start_method) == 'spawn'
-  assert benchmark.in_torch_child(torch_tutorial.loader_start_methods, root, 2) == {'train': 'fork', 'val': 'fork'}
-  assert benchmark.in_torch_child(torch_tutorial.loader_start_methods, root, 0) == {'train': 'none', 'val': 'none'}
+  assert epochs.in_torch_child(torch_tutorial.process_start_method) == 'spawn'
+  assert epochs.in_torch_child(torch_tutorial.loader_start_methods, root, 2) == {'train': 'fork', 'val': 'fork'}
+  assert epochs.in_torch_child(torch_tutorial.loader_start_methods, root, 0) == {'train': 'none', 'val': 'none'}

@@ -206,12 +206,11 @@ def test_bfloat16_training_lowers_the_loss():
 
 
   from tl_jax import optim
-  from tl_jax.train import TrainState, train_step
+  from tl_jax.training import create_train_state, train_step
   model = create_model('resnet18', 2, dtype=jnp.bfloat16)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
   tx = optim.make_optimizer(variables['params'], 'finetune', {'name': 'sgd'}, 0.01)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'])
+  state = create_train_state(model, variables, tx)
   rng = np.random.default_rng(0)
   labels = rng.integers(0, 2, 8).astype(np.int32)
   # Learnable: the class shifts the images' mean.

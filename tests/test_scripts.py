@@ -17,9 +17,9 @@ from helpers import TOL, data_root, random_torchvision_model, rel_err, within
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_script(name, *args, check=True, timeout=600):
+def run_script(name, *args, check=True, timeout=600, folder='scripts'):
   env = {**os.environ, 'PYTHONPATH': str(REPO), 'PYTHONUNBUFFERED': '1'}
-  proc = subprocess.run([sys.executable, str(REPO / 'scripts' / name), *map(str, args)], cwd=REPO, env=env,
+  proc = subprocess.run([sys.executable, str(REPO / folder / name), *map(str, args)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
   if check and proc.returncode != 0:
     raise AssertionError(f'{name} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')

@@ -14,7 +14,7 @@ from tl_jax import optim
 from tl_jax.convert import name_table, torch_to_flax
 from tl_jax.data.transforms import TrainTransform
 from tl_jax.models import create_model
-from tl_jax.train import TrainState, eval_step, train_step
+from tl_jax.training import create_train_state, eval_step, train_step
 
 torch = pytest.importorskip('torch')
 F = pytest.importorskip('torchvision.transforms.functional')
@@ -25,12 +25,11 @@ NUM_SAMPLES = 19    # 5 steps: four full batches and a last one with 3 valid row
 LR = 0.001          # the tutorial's
 
 
-def create_train_state(model, variables, strategy='finetune', lr=LR, steps_per_epoch=5):
+def make_state(model, variables, strategy='finetune', lr=LR, steps_per_epoch=5):
   """The tutorial's SGD(lr, momentum 0.9) with StepLR(7, 0.1) on `strategy`'s trainable stages."""
   schedule = optim.make_schedule({'name': 'step', 'step_size': 7, 'gamma': 0.1}, lr, 25, steps_per_epoch)
   tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'lr': lr, 'momentum': 0.9}, schedule)
-  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                           batch_stats=variables['batch_stats'])
+  return create_train_state(model, variables, tx)
 
 
 def _images(n):
@@ -86,7 +85,7 @@ def _torch_run(tmodel, strategy, bn, images, labels):
 
 def _jax_run(variables, strategy, bn, images, labels):
   model = create_model('resnet18', 2)
-  state = create_train_state(model, variables, strategy)
+  state = make_state(model, variables, strategy)
   trainable = optim.trainable_mask(state.params, strategy)
   step = jax.jit(functools.partial(train_step, model=model, trainable=trainable, bn_train=bn == 'train'))
   losses = []
@@ -176,7 +175,7 @@ def test_frozen_strategy_runs_no_backward_pass_through_the_backbone():
   batch = {'images': jnp.zeros((2, 64, 64, 3)), 'labels': jnp.zeros(2, jnp.int32), 'mask': jnp.ones(2, bool)}
   counts = {}
   for strategy in ('frozen', 'finetune'):
-    state = create_train_state(model, variables, strategy)
+    state = make_state(model, variables, strategy)
     fn = functools.partial(train_step, model=model, trainable=optim.trainable_mask(state.params, strategy),
                            bn_train=True)
     counts[strategy] = _count_convs(jax.make_jaxpr(fn)(state, batch).jaxpr)
@@ -187,7 +186,7 @@ def test_frozen_strategy_runs_no_backward_pass_through_the_backbone():
 def test_eval_step_masks_padding_rows():
   model = create_model('resnet18', 3)
   variables = torch_to_flax(state_dict_numpy(random_torchvision_model('resnet18', 3)), 'resnet18')
-  state = create_train_state(model, variables)
+  state = make_state(model, variables)
   images = np.random.default_rng(0).standard_normal((4, 64, 64, 3)).astype(np.float32)
   labels = np.array([0, 1, 2, 0], np.int32)
   full = eval_step(state, model=model, batch={'images': images, 'labels': labels, 'mask': np.ones(4, bool)})
@@ -226,7 +225,7 @@ def test_first_sgd_steps_match_pytorch_in_float32(augmented, strategy):
 
 def test_prediction_figure_samples_span_every_class_in_the_val_batch_shape():
   from tl_jax.data.loader import Loader
-  from tl_jax.train import spread_sample_loader
+  from tl_jax.training.pipeline import spread_sample_loader
   samples = [(f'{c}_{i}.jpg', label) for label, c in enumerate('abc') for i in range(7)]
   loader = Loader(samples, lambda img, _rng: np.zeros((2, 2, 3), np.float32), batch_size=32, shuffle=False,
                   workers=0, load=lambda path: path)
@@ -274,7 +273,7 @@ def _step_taking(seconds):
 
 
 def test_starvation_counts_waits_with_no_step_running_and_not_waits_behind_a_running_step():
-  from tl_jax.train import run_phase
+  from tl_jax.training import run_phase
   # Data-bound: every batch takes 0.1 s to load, steps are instant, so the device starves ~0.6 s.
   _, totals, starved = run_phase(_step_taking(0.0), None, _timed_loader(0.1), 0, True, False, 'train')
   assert totals['count'] == 6
@@ -318,23 +317,23 @@ def _small_config(tmp_path, stages, **data):
 
 
 def test_stages_run_in_order_with_fresh_optimizers_and_carry_weights_and_bn_stats(tmp_path):
-  from tl_jax import train as train_lib
+  from tl_jax.training import loop, pipeline, stages
   config = _small_config(tmp_path, [
       {'name': 'head', 'epochs': 2, 'trainable': ['head'], 'optimizer': {'name': 'sgd', 'lr': 0.01, 'momentum': 0.9},
        'schedule': {'name': 'step', 'step_size': 1, 'gamma': 0.5}},
       {'name': 'all', 'epochs': 1, 'trainable': 'all', 'optimizer': {'name': 'sgd', 'lr': 0.001, 'momentum': 0.9}}])
-  data = train_lib.load_data(config)
+  data = pipeline.load_data(config)
   from tl_jax.weights import IMAGENET_PREPROCESSING
-  loaders = train_lib.make_loaders(config, data, train_lib.make_transforms(config, IMAGENET_PREPROCESSING))
+  loaders = pipeline.make_loaders(config, data, pipeline.make_transforms(config, IMAGENET_PREPROCESSING))
   model = create_model('resnet18', 2)
-  variables = train_lib.initial_variables('resnet18', 2, 0)
+  variables = stages.initial_variables('resnet18', 2, 0)
   initial = jax.device_get(variables)   # the steps donate (delete) the arrays they are given
   examples = [next(iter(loader.epoch(0))).as_dict() for loader in loaders]
   compiled = {}
-  state, head = train_lib.setup_stage(config, 0, model, variables, len(loaders[0]), *examples, compiled)
+  state, head = stages.setup_stage(config, 0, model, variables, len(loaders[0]), *examples, compiled)
   assert (head.first_epoch, head.epochs, head.lrs) == (0, 2, [0.01, 0.005])
   for epoch in range(2):
-    state, row = train_lib.run_epoch(head, state, *loaders, epoch)
+    state, row = loop.run_epoch(head, state, *loaders, epoch)
     assert (row['stage'], row['stage_epoch'], row['lr']) == ('head', epoch, head.lrs[epoch])
   assert int(state.step) == 2 * len(loaders[0])
   # Head only: the backbone's weights did not move, its BN statistics did (bn: train).
@@ -343,7 +342,7 @@ def test_stages_run_in_order_with_fresh_optimizers_and_carry_weights_and_bn_stat
   assert not np.array_equal(state.batch_stats['bn1']['mean'], initial['batch_stats']['bn1']['mean'])
 
   carried = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
-  state2, stage2 = train_lib.setup_stage(config, 1, model, carried, len(loaders[0]), *examples, compiled)
+  state2, stage2 = stages.setup_stage(config, 1, model, carried, len(loaders[0]), *examples, compiled)
   # A new stage starts a new optimizer: step 0, no momentum yet; weights and BN stats carry over.
   assert int(state2.step) == 0 and stage2.first_epoch == 2 and stage2.lrs == [0.001]
   assert all(not np.any(leaf) for leaf in jax.tree_util.tree_leaves(state2.opt_state))
@@ -353,18 +352,18 @@ def test_stages_run_in_order_with_fresh_optimizers_and_carry_weights_and_bn_stat
 
 
 def test_a_stage_equal_to_an_earlier_one_reuses_its_compiled_steps(tmp_path):
-  from tl_jax import train as train_lib
+  from tl_jax.training import pipeline, stages
   same = {'trainable': ['layer4', 'head'], 'optimizer': {'name': 'sgd', 'lr': 0.01}}
   config = _small_config(tmp_path, [{'name': 'a', 'epochs': 1, **same}, {'name': 'b', 'epochs': 1, **same}])
   from tl_jax.weights import IMAGENET_PREPROCESSING
-  data = train_lib.load_data(config)
-  loaders = train_lib.make_loaders(config, data, train_lib.make_transforms(config, IMAGENET_PREPROCESSING))
+  data = pipeline.load_data(config)
+  loaders = pipeline.make_loaders(config, data, pipeline.make_transforms(config, IMAGENET_PREPROCESSING))
   model = create_model('resnet18', 2)
-  variables = train_lib.initial_variables('resnet18', 2, 0)
+  variables = stages.initial_variables('resnet18', 2, 0)
   examples = [next(iter(loader.epoch(0))).as_dict() for loader in loaders]
   compiled = {}
-  _, first = train_lib.setup_stage(config, 0, model, variables, len(loaders[0]), *examples, compiled)
-  _, second = train_lib.setup_stage(config, 1, model, variables, len(loaders[0]), *examples, compiled)
+  _, first = stages.setup_stage(config, 0, model, variables, len(loaders[0]), *examples, compiled)
+  _, second = stages.setup_stage(config, 1, model, variables, len(loaders[0]), *examples, compiled)
   assert first.compile_seconds['train_step'] > 0 and second.compile_seconds == {'train_step': 0.0, 'eval_step': 0.0}
   assert second.train_fn is first.train_fn and len(compiled) == 1
 
@@ -372,7 +371,7 @@ def test_a_stage_equal_to_an_earlier_one_reuses_its_compiled_steps(tmp_path):
 def test_train_and_evaluate_two_stages_keeps_the_best_epoch_over_the_whole_run(tmp_path):
   import json
   from tl_jax import checkpoint
-  from tl_jax.train import train_and_evaluate
+  from tl_jax.training import train_and_evaluate
   config = _small_config(tmp_path, [
       {'name': 'head', 'epochs': 2, 'trainable': ['head'], 'optimizer': {'name': 'sgd', 'lr': 0.01, 'momentum': 0.9}},
       {'name': 'finetune', 'epochs': 2, 'trainable': 'all',
@@ -387,7 +386,7 @@ def test_train_and_evaluate_two_stages_keeps_the_best_epoch_over_the_whole_run(t
   assert (result.best_epoch, result.best_val_acc) == (best_epoch, max(accs))
   best = checkpoint.load_model(tmp_path / 'run')
   assert best.metadata['epoch'] == best_epoch and best.metadata['stage'] == history[best_epoch]['stage']
-  from tl_jax.data.transforms import build_pipeline
+  from tl_jax.data.augment import build_pipeline
   assert build_pipeline(best.metadata['val_transforms']) == build_pipeline(SMALL_TRANSFORMS['val_transforms'])
   # One compile per distinct trainable set.
   assert sum('compiled train_step' in line for line in lines) == 2
@@ -395,7 +394,7 @@ def test_train_and_evaluate_two_stages_keeps_the_best_epoch_over_the_whole_run(t
 
 def test_uint8_batches_normalised_on_the_device_train_exactly_like_float_batches(tmp_path):
   """data.uint8_batches: 4x fewer bytes to the device, the same float32 pixels, so the same run."""
-  from tl_jax.train import train_and_evaluate
+  from tl_jax.training import train_and_evaluate
   stages = [{'name': 'all', 'epochs': 1, 'trainable': 'all', 'optimizer': {'name': 'sgd', 'lr': 0.01}}]
   runs = {}
   for uint8 in (False, True):
@@ -414,7 +413,7 @@ def test_every_shipped_config_runs_one_short_epoch_per_stage(tmp_path, name):
   one epoch per stage on a tiny folder."""
   from pathlib import Path
   from tl_jax.config import apply_overrides, read_yaml, validate
-  from tl_jax.train import train_and_evaluate
+  from tl_jax.training import train_and_evaluate
   values = read_yaml(Path(__file__).resolve().parents[1] / 'configs' / f'{name}.yaml')
   small_arch = 'vgg11' if values['model']['arch'].startswith('vgg') else 'resnet18'
   config = validate(apply_overrides(values, {
@@ -428,14 +427,14 @@ def test_every_shipped_config_runs_one_short_epoch_per_stage(tmp_path, name):
 
 @pytest.mark.parametrize('policy,val_rows', [('auto', True), (True, True), (False, False)])
 def test_val_rows_are_kept_under_the_decoded_cache_policy_and_their_images_are_not(tmp_path, policy, val_rows):
-  from tl_jax import train as train_lib
+  from tl_jax.training import pipeline
   from tl_jax.weights import IMAGENET_PREPROCESSING
   config = _small_config(tmp_path, [{'name': 'head', 'epochs': 1, 'trainable': ['head']}], cache_decoded=policy)
-  data = train_lib.load_data(config)
+  data = pipeline.load_data(config)
   opened = []
   load = data.load
   data = dataclasses.replace(data, load=lambda key: opened.append(key) or load(key))
-  train, val = train_lib.make_loaders(config, data, train_lib.make_transforms(config, IMAGENET_PREPROCESSING))
+  train, val = pipeline.make_loaders(config, data, pipeline.make_transforms(config, IMAGENET_PREPROCESSING))
   for epoch in range(2):
     for loader in (train, val):
       list(loader.epoch(epoch))

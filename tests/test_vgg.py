@@ -16,7 +16,7 @@ from tl_jax.convert import flax_to_torch, name_table, torch_to_flax
 from tl_jax.models import VGG, BatchNorm, create_model, init_variables
 from tl_jax.models.vgg import ARCHS
 from tl_jax.models.vgg import adaptive_avg_pool
-from tl_jax.train import TrainState, train_step
+from tl_jax.training import create_train_state, train_step
 
 torch = pytest.importorskip('torch')
 
@@ -279,8 +279,7 @@ def test_five_sgd_steps_match_pytorch_in_float64(strategy):
   with jax.enable_x64(True):
     variables = torch_to_flax(initial, arch)
     tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, lr)
-    state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                              batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(0))
+    state = create_train_state(model, variables, tx, jax.random.PRNGKey(0))
     trainable = optim.trainable_mask(state.params, strategy)
     step = jax.jit(functools.partial(train_step, model=model, trainable=trainable, bn_train=True),
                    donate_argnums=0)
@@ -325,8 +324,7 @@ def test_train_step_draws_new_dropout_masks_each_step_and_reproducibly():
   """Same state -> same masks; the next step -> other masks (lr 0 keeps the weights equal)."""
   model = create_model('vgg11', 2)
   variables = init_variables(model, jax.random.PRNGKey(0), 32)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=optax.sgd(0.0),
-                            batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(1))
+  state = create_train_state(model, variables, optax.sgd(0.0), jax.random.PRNGKey(1))
   assert state.batch_stats == {}
   step = jax.jit(functools.partial(train_step, model=model, bn_train=True,
                                    trainable=optim.trainable_mask(state.params, 'finetune')))

@@ -85,7 +85,7 @@ def test_forward_steps_compile_without_ynnpack_fusions():
   import jax
   import numpy as np
 
-  from tl_jax import parallel, train
+  from tl_jax import parallel, training as train
   from tl_jax.models import create_model, init_variables
   if not xla_defaults.forward_compiler_options():
     pytest.skip('forward options do not apply here (not CPU, opted out or an older jaxlib)')

@@ -10,7 +10,6 @@ atomic); `load_model` accepts either, or the workdir itself.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -122,7 +121,3 @@ def load_model(path: str | Path, num_classes: Optional[int] = None) -> ModelChec
                           f'{num_classes} were asked for')
   variables = {k: dict(v) for k, v in restored['variables'].items()}
   return ModelCheckpoint(variables=variables, metadata=metadata)
-
-
-def metadata_json(metadata: dict) -> str:
-  return json.dumps(metadata, indent=2, sort_keys=True)

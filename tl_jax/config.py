@@ -26,10 +26,6 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-BN_POLICIES = ('train', 'frozen')
-DTYPES = ('float32', 'bfloat16')
-
-
 class ConfigError(ValueError):
   """A config file or flag has a bad value."""
 
@@ -373,10 +369,7 @@ def _known_keys_hint(loc: Sequence) -> str:
 
 def check_transforms(config: Config, source: str = '') -> None:
   """Builds the configured transform lists once so a bad one is reported before any work."""
-  from tl_jax.data import transforms
-  build = getattr(transforms, 'build_pipeline', None)
-  if build is None:
-    return
+  from tl_jax.data.augment import build_pipeline as build
   for key in ('train_transforms', 'val_transforms'):
     spec = getattr(config.data, key)
     if spec is not None:

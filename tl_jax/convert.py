@@ -21,8 +21,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from tl_jax import models
 from tl_jax.models import ARCHS, resnet, stage_of, vgg
 
 
@@ -278,3 +281,24 @@ def replace_head(variables: Mapping, fresh_variables: Mapping) -> dict:
   params = {k: v for k, v in variables['params'].items() if k != head}
   params[head] = fresh_variables['params'][head]
   return {'params': params, 'batch_stats': dict(variables.get('batch_stats', {}))}
+
+
+def init_transfer_variables(model: models.TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,
+                            image_size: int = 32) -> dict:
+  """{'params', 'batch_stats'} of `model`: the backbone from `state_dict` (torchvision names, NumPy
+  values; its classifier layers are ignored) or random, and the head fresh from its own init.
+
+  Raises:
+    ConversionError when `state_dict` does not fit `model.arch`'s base.
+  """
+  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  fresh = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
+  params = dict(fresh['params'])
+  batch_stats = dict(fresh.get('batch_stats', {}))
+  if state_dict is not None:
+    reference = {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
+    loaded = torch_to_flax(state_dict, model.arch, reference=reference, base_only=True)
+    params['backbone'] = loaded['params']
+    if loaded['batch_stats']:
+      batch_stats['backbone'] = loaded['batch_stats']
+  return {'params': params, 'batch_stats': batch_stats}

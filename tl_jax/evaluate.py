@@ -10,7 +10,6 @@ and `evaluate_arrays` scores predictions computed elsewhere. All three return a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -20,12 +19,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from tl_jax import metrics as metrics_lib, xla_defaults
-from tl_jax.checkpoint import BEST_DIR, load_model, resolve_model_dir
+from tl_jax import metrics as metrics_lib
+from tl_jax.checkpoint import BEST_DIR, resolve_model_dir
 from tl_jax.data.folder import ImageFolder, drop_bad_images
 from tl_jax.data.loader import Loader
-from tl_jax.models import create_model
-from tl_jax.predict import eval_transform_for
+from tl_jax.inference import load_inference, make_forward
 
 EVALUATION_JSON = 'evaluation.json'
 CONFUSION_PNG = 'confusion.png'
@@ -207,27 +205,6 @@ class Outputs:
   indices: np.ndarray  # (N,) index into the loader's samples
 
 
-def _logits(variables: Mapping, images_bhwc: jax.Array, *, model) -> jax.Array:
-  return model.apply(variables, images_bhwc, train=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted_logits() -> Callable:
-  # Made on first use, not at import: the options ask which backend JAX runs on.
-  return jax.jit(_logits, static_argnames='model', compiler_options=xla_defaults.forward_compiler_options())
-
-
-def eval_logits(variables: Mapping, images_bhwc: jax.Array, *, model) -> jax.Array:
-  """Eval-mode logits. Jitted with the (hashable) model static, so every evaluation of the same
-  architecture and batch shape in a process shares one compile."""
-  return _jitted_logits()(variables, images_bhwc, model=model)
-
-
-def make_forward(model) -> Callable:
-  """The jitted eval-mode forward `(variables, images_bhwc) -> logits`."""
-  return functools.partial(eval_logits, model=model)
-
-
 def predict_loader(forward: Callable, variables: Mapping, loader: Loader) -> Outputs:
   """Runs `forward` on every batch of `loader` (one shape, so one compile) and drops padding rows."""
   pending = []
@@ -339,18 +316,17 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, batch_size:
   out_dir = _usable_out_dir(out_dir if out_dir is not None else default_out_dir(model_dir))
   folder_path, source = resolve_data_folder(data)
   folder = ImageFolder(folder_path)
-  model_ckpt = load_model(model_dir)
+  inference = load_inference(model_dir)
+  model_ckpt = inference.checkpoint
   class_names, notes = match_class_names(model_ckpt.class_names, model_ckpt.num_classes, folder, model_dir)
   folder, skipped = drop_bad_images(folder, skip_bad_images, warn=warn, num_threads=max(workers, 1))
 
-  transform = eval_transform_for(model_ckpt)
+  transform = inference.transform
   loader = Loader(folder.samples, lambda img, _rng: transform(img), batch_size, shuffle=False, workers=workers)
-  model = create_model(model_ckpt.arch, model_ckpt.num_classes)
   info = {'checkpoint': str(model_dir), 'arch': model_ckpt.arch,
           'checkpoint_epoch': model_ckpt.metadata.get('epoch'), 'data': str(folder_path),
           'data_source': source, 'skipped_images': skipped,
           'preprocessing': model_ckpt.metadata.get('preprocessing')}
-  report = evaluate_model(model, jax.device_put(model_ckpt.variables), loader, class_names, info=info,
-                          notes=notes)
+  report = evaluate_model(inference.model, inference.variables, loader, class_names, info=info, notes=notes)
   write_report(report, out_dir)
   return report

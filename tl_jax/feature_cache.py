@@ -93,7 +93,7 @@ def example_batch(image_batch: Mapping[str, np.ndarray], num_features: int) -> d
 def extract(fn: Callable, state, loader, put: Callable[[dict], Any] = lambda b: b) -> np.ndarray:
   """(N, F) features of every sample of `loader` (its epoch 0 pixels), row i for sample i.
 
-  `fn(state, batch) -> {'features'}` (e.g. jitted `tl_jax.train.features_step`). Steps are dispatched
+  `fn(state, batch) -> {'features'}` (e.g. jitted `tl_jax.training.steps.features_step`). Steps are dispatched
   before any result is read, so the loader's threads prepare the next batch meanwhile.
   """
   pending = []

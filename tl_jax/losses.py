@@ -61,5 +61,3 @@ mean_squared_error: Loss = _regression(jnp.square)
 
 # torch's SmoothL1Loss(beta=1): 0.5 x^2 if |x| < 1 else |x| - 0.5 (optax's Huber loss with delta 1).
 smooth_l1: Loss = _regression(lambda diff: optax.huber_loss(diff, delta=1.0))
-
-LOSSES: dict[str, Loss] = {'cross_entropy': cross_entropy, 'mse': mean_squared_error, 'smooth_l1': smooth_l1}

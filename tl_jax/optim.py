@@ -35,11 +35,6 @@ STRATEGY_STAGES: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_of(module_name: str) -> str:
-  """Stage of a top-level ResNet/VGG module (see `tl_jax.models.stage_of`)."""
-  return models.stage_of(module_name)
-
-
 def _all_known_stages() -> tuple[str, ...]:
   stages = [s for arch in models.ARCHS for s in models.arch_stages(arch)] + [models.FEATURES]
   return tuple(dict.fromkeys(stages))

@@ -306,16 +306,6 @@ def host_sums(sums: Mapping[str, Any]) -> dict[str, float]:
           for k, v in sums.items() if np.ndim(v) == 0}
 
 
-def sum_over_processes(values: Mapping[str, float]) -> dict[str, float]:
-  """Host-side numbers (e.g. seconds waited for data) summed over all processes."""
-  if jax.process_count() == 1:
-    return {k: float(v) for k, v in values.items()}
-  from jax.experimental import multihost_utils
-  keys = sorted(values)
-  gathered = multihost_utils.process_allgather(np.asarray([values[k] for k in keys], np.float64))
-  return dict(zip(keys, (float(v) for v in np.asarray(gathered).reshape(-1, len(keys)).sum(0))))
-
-
 def gather_rows(x: jax.Array) -> np.ndarray:
   """A batch-split array (e.g. predictions) whole on every process."""
   if jax.process_count() == 1:
@@ -335,58 +325,3 @@ def host_local_order(order: Sequence[int], positions: np.ndarray) -> np.ndarray:
   """Dataset indices for `positions` (from `process_positions`) in an epoch's `order`; -1 stays padding."""
   order = np.asarray(order)
   return np.where(positions >= 0, order[np.maximum(positions, 0)], -1)
-
-
-# ---------------------------------------------------------------------------- throughput
-
-
-def time_train_step(arch: str = 'resnet18', batch_size: int = 256, dtype: str = 'float32',
-                    image_size: int = 224, strategy: str = 'finetune', steps: int = 20, rounds: int = 3,
-                    device_counts: Sequence[int] = (None,), num_classes: int = 2) -> list[dict]:
-  """Images/s of the train step alone (batch already on the devices), per device count, interleaved.
-
-  For each count in `device_counts` (None: every device) the step is compiled once; then
-  `rounds` times, each configuration runs `steps` steps in turn, so a machine whose load
-  changes affects all alike. Returns one row per configuration with the best and median round.
-  """
-  import jax.numpy as jnp
-
-  from tl_jax import optim
-  from tl_jax.models import create_model, init_variables
-  from tl_jax.train import TrainState, train_step
-
-  model = create_model(arch, num_classes, dtype=jnp.bfloat16 if dtype == 'bfloat16' else None)
-  variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
-  rng = np.random.default_rng(0)
-  batch = {'images': rng.standard_normal((batch_size, image_size, image_size, 3), dtype=np.float32),
-           'labels': rng.integers(0, num_classes, batch_size).astype(np.int32),
-           'mask': np.ones(batch_size, bool)}
-  configs = []
-  for count in device_counts:
-    mesh = make_mesh(count)
-    check_batch_size(batch_size, mesh.size, 'batch size')
-    tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 1e-3)
-    state = replicate(TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                                        batch_stats=variables['batch_stats']), mesh)
-    step = jit_train_step(train_step, mesh, model=model, trainable=optim.trainable_mask(variables['params'], strategy),
-                          bn_train=True)
-    device_batch = shard_batch(batch, mesh)
-    start = time.perf_counter()
-    state, sums = step(state, device_batch)
-    jax.block_until_ready(sums)
-    configs.append({'devices': mesh.size, 'mesh': mesh, 'step': step, 'state': state, 'batch': device_batch,
-                    'compile_seconds': time.perf_counter() - start, 'rounds': []})
-  for _ in range(rounds):
-    for config in configs:
-      state = config['state']
-      start = time.perf_counter()
-      for _ in range(steps):
-        state, sums = config['step'](state, config['batch'])
-      jax.block_until_ready((state, sums))
-      config['rounds'].append(batch_size * steps / (time.perf_counter() - start))
-      config['state'] = state
-  return [{'arch': arch, 'dtype': dtype, 'batch_size': batch_size, 'image_size': image_size, 'strategy': strategy,
-           'devices': c['devices'], 'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
-           'steps_per_round': steps, 'compile_seconds': c['compile_seconds'],
-           'images_per_second_best': max(c['rounds']), 'images_per_second_median': float(np.median(c['rounds'])),
-           'images_per_second_rounds': c['rounds']} for c in configs]

@@ -10,11 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tl_jax import xla_defaults
-from tl_jax.checkpoint import ModelCheckpoint, load_model
 from tl_jax.data.folder import DataError, ImageReadError, load_image
-from tl_jax.data.transforms import EvalTransform
-from tl_jax.models import create_model
+from tl_jax.inference import load_inference
 
 # One fixed batch shape so the forward compiles once however many files are given.
 BATCH_SIZE = 8
@@ -33,24 +30,6 @@ class Prediction:
     return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k == 'class_name'}
 
 
-def eval_transform_for(model: ModelCheckpoint):
-  """The preprocessing a checkpoint's model was validated with: image -> float32 HWC array.
-
-  A training run saves its val transform list (`val_transforms`); other checkpoints (converted
-  weights) carry the weights' preprocessing: Resize, CenterCrop, ToTensor, Normalize.
-  """
-  spec = model.metadata.get('val_transforms')
-  if spec:
-    from tl_jax.data.augment import build_pipeline
-    return build_pipeline(spec, where='the checkpoint\'s val_transforms')
-  pre = model.metadata.get('preprocessing') or {}
-  kwargs = {k: pre[k] for k in ('resize_size', 'crop_size') if k in pre}
-  for k in ('mean', 'std'):
-    if k in pre:
-      kwargs[k] = tuple(pre[k])
-  return EvalTransform(**kwargs)
-
-
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
   for start in range(0, len(items), size):
     yield items[start:start + size]
@@ -58,13 +37,8 @@ def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
 
 def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path]) -> list[Prediction]:
   """Predicts every image in `paths`; an unreadable image gets `error` set, the others still run."""
-  model_ckpt = load_model(checkpoint_path)
-  model = create_model(model_ckpt.arch, model_ckpt.num_classes)
-  transform = eval_transform_for(model_ckpt)
-  names = model_ckpt.class_names
-  variables = jax.device_put(model_ckpt.variables)
-  forward = jax.jit(lambda v, x: model.apply(v, x, train=False),
-                    compiler_options=xla_defaults.forward_compiler_options())
+  inference = load_inference(checkpoint_path)
+  transform, names = inference.transform, inference.class_names
 
   results: dict[int, Prediction] = {}
   ready: list[tuple[int, np.ndarray]] = []
@@ -81,7 +55,7 @@ def predict_files(checkpoint_path: str | Path, paths: Sequence[str | Path]) -> l
     images = np.zeros((BATCH_SIZE,) + chunk[0][1].shape, np.float32)
     for row, (_, image) in enumerate(chunk):
       images[row] = image
-    logits = np.asarray(forward(variables, jnp.asarray(images)))[:len(chunk)]
+    logits = np.asarray(inference.forward(inference.variables, jnp.asarray(images)))[:len(chunk)]
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     for (index, _), row_logits, row_probs in zip(chunk, logits, probs):
       top = int(np.argmax(row_logits))

@@ -9,21 +9,18 @@ needed to read or write .pth files (`pip install 'tl_jax[torch]'`).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import http.client
 import json
 import os
 import re
-import ssl
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
+
+from tl_jax.fetch import FetchError, fetch
 
 PathLike = Union[str, os.PathLike]
 
@@ -80,7 +77,6 @@ BASE_URL_ENV = 'TL_JAX_WEIGHTS_BASE_URL'
 
 # torch.hub.HASH_REGEX: 'resnet18-f37072fd.pth' -> 'f37072fd'.
 _HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')
-_CHUNK = 128 * 1024
 _PREPROCESSING_KEY = 'tl_jax.preprocessing'
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 _SAFETENSORS_SUFFIXES = ('.safetensors',)
@@ -114,67 +110,14 @@ def _weights_hint(dst: Path) -> str:
 
 def download(url: str, dst: PathLike, expected_sha256_prefix: Optional[str] = None,
              progress: bool = True, timeout: float = 60.0, hint: Optional[str] = None) -> Path:
-  """Fetches `url` to `dst` through a temp file in the same folder; `dst` appears only when complete.
-
-  Args:
-    url: http(s) or file URL.
-    dst: destination file; its folder is created.
-    expected_sha256_prefix: if given, the file's sha256 hex digest must start with it.
-    progress: show a tqdm bar on stderr.
-    timeout: seconds any single socket operation may block (not the whole download).
-    hint: what the user can do instead, appended to network errors; defaults to the
-      --weights alternatives.
-
-  Raises:
-    WeightsError on a network failure, a short read or a checksum mismatch.
-  """
-  from tqdm.auto import tqdm
-
+  """`tl_jax.fetch.fetch` for weight files: its errors as WeightsError, the --weights alternatives as
+  the default hint."""
   dst = Path(dst).expanduser()
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  hint = _weights_hint(dst) if hint is None else hint
-  # Not NamedTemporaryFile: its 0600 mode would stick to the renamed file (torch.hub does the same).
-  tmp = dst.with_name(f'{dst.name}.{uuid.uuid4().hex}.partial')
-  sha256 = hashlib.sha256()
   try:
-    with open(tmp, 'xb') as f:
-      request = urllib.request.Request(url, headers={'User-Agent': 'tl_jax'})
-      try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-          length = response.headers.get('Content-Length')
-          total = int(length) if length and length.isdigit() else None
-          received = 0
-          with tqdm(total=total, disable=not progress, unit='B', unit_scale=True,
-                    unit_divisor=1024, desc=dst.name) as bar:
-            while True:
-              chunk = response.read(_CHUNK)
-              if not chunk:
-                break
-              f.write(chunk)
-              sha256.update(chunk)
-              received += len(chunk)
-              bar.update(len(chunk))
-      except urllib.error.HTTPError as e:
-        raise WeightsError(f'cannot download {url}: the server answered HTTP {e.code} {e.reason}.\n'
-                           f'{hint}') from e
-      except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException,
-              ssl.SSLError) as e:
-        reason = getattr(e, 'reason', e)
-        raise WeightsError(f'cannot download {url}: offline or the server is unreachable ({reason}).\n'
-                           f'{hint}') from e
-      # http.client ends a read quietly when the server closes early; only the length tells.
-      if total is not None and received != total:
-        raise WeightsError(f'download of {url} was cut off after {received} of {total} bytes; '
-                           f'try again.\n{hint}')
-    digest = sha256.hexdigest()
-    if expected_sha256_prefix and not digest.startswith(expected_sha256_prefix):
-      raise WeightsError(f'checksum mismatch for {url}: expected sha256 starting with '
-                         f'{expected_sha256_prefix}, got {digest}. The file was discarded.')
-    os.replace(tmp, dst)
-  finally:
-    if tmp.exists():
-      tmp.unlink()
-  return dst
+    return fetch(url, dst, expected_sha256_prefix, progress=progress, timeout=timeout,
+                 hint=_weights_hint(dst) if hint is None else hint)
+  except FetchError as e:
+    raise WeightsError(str(e)) from e
 
 
 def _import_torch():

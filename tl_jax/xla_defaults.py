@@ -2,11 +2,9 @@
 
 jaxlib 0.10 hands every convolution to YNNPACK by default ("individual_convolution" fusions).
 For the ResNet and VGG training steps on CPU that is the slow choice: with YNNPACK's
-convolutions switched off (XLA's own Eigen kernels instead) the ResNet-18 fine-tune step at
-batch 4 ran in 0.55-0.65x the time on 2 cores, the frozen step in 0.55x, and the tutorial's
-epochs went from slower than PyTorch's to faster (scripts/bench_step.py, scripts/benchmark.py;
-the README has the numbers). Numerics stay within float32 rounding (the parity tests run with
-it). The flag is added to XLA_FLAGS only
+convolutions switched off (XLA's own Eigen kernels instead) the ResNet-18 train steps take
+markedly less time (benchmarks/bench_step.py measures it; the README has the numbers).
+Numerics stay within float32 rounding (the parity tests run with it). The flag is added to XLA_FLAGS only
 - for jaxlib versions known to have it (an XLA flag the library does not know aborts the process);
 - when XLA_FLAGS does not already set it (the user's choice wins);
 - unless TL_JAX_XLA_DEFAULTS=0.
@@ -19,7 +17,7 @@ last convolutions (layer3/layer4 of a ResNet) and run them as YNNPACK convolutio
 ones. Without them the ResNet-18 eval step at batch 32 ran in 0.88x the time and VGG11's at
 batch 8 in 0.86x (one process, variants interleaved). Train steps keep the process setting:
 there YNNPACK runs BatchNorm's reductions, and with it off the finetune step took 1.17x as long.
-So does the cached-feature pass (tl_jax.train.cached_loaders), so that its features round as the
+So does the cached-feature pass (tl_jax.training.features.cached_loaders), so that its features round as the
 backbone inside the train step does.
 """
 

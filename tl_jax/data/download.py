@@ -9,7 +9,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from tl_jax.weights import WeightsError, download
+from tl_jax.fetch import FetchError, fetch
 
 HYMENOPTERA_URL = 'https://download.pytorch.org/tutorial/hymenoptera_data.zip'
 _TOP = 'hymenoptera_data'
@@ -90,8 +90,8 @@ def ensure_hymenoptera(root: Path, url: str = HYMENOPTERA_URL, progress: bool = 
   try:
     archive = work / 'download.zip'
     try:
-      download(url, archive, None, progress=progress, timeout=timeout, hint=hint)
-    except WeightsError as e:
+      fetch(url, archive, None, progress=progress, timeout=timeout, hint=hint)
+    except FetchError as e:
       raise DownloadError(str(e)) from e
     try:
       with zipfile.ZipFile(archive) as zf:

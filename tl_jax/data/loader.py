@@ -8,7 +8,7 @@
   from (seed, e, position), so the same seed gives identical batches whatever the thread
   timing, and a resumed run sees the batches it would have seen.
 - Threads, not processes: PIL decodes and resizes with the GIL released, and so does the
-  jitted step, so workers run while the step computes. Measured with scripts/bench_loader.py
+  jitted step, so workers run while the step computes. Measured with benchmarks/bench_loader.py
   (2 shared cores, 244 images, three runs): threads beat torchvision's DataLoader at 1 and 2
   workers. grain's worker processes, with their start-up left out, were as fast as threads on
   the tutorial's list at 2 workers in two runs of three and up to 1.4x faster on a heavy

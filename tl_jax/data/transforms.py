@@ -451,15 +451,3 @@ class TrainTransform:
 
   def __call__(self, img: Image.Image, rng: np.random.Generator) -> np.ndarray:
     return self.apply(img, self.sample(rng, img.width, img.height))
-
-
-_BY_NAME = ('build_pipeline', 'Pipeline', 'TRANSFORMS', 'TransformSpecError', 'tutorial_train_spec',
-            'tutorial_val_spec')
-
-
-def __getattr__(name: str):
-  """The by-name pipeline (tl_jax.data.augment) is importable from here too; augment builds on this module."""
-  if name in _BY_NAME:
-    from tl_jax.data import augment
-    return getattr(augment, name)
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from tl_jax.models import resnet, vgg
-from tl_jax.models.backbone import Backbone, TransferModel, init_transfer_variables, model_class, num_features
+from tl_jax.models.backbone import Backbone, TransferModel, model_class, num_features
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import ResNet
 from tl_jax.models.vgg import VGG
@@ -139,5 +139,5 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
 
 
 __all__ = ['ARCHS', 'STAGES', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
-           'create_model', 'features_have_batch_norm', 'head_name', 'head_stages', 'init_transfer_variables',
+           'create_model', 'features_have_batch_norm', 'head_name', 'head_stages',
            'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']

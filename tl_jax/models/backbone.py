@@ -10,11 +10,10 @@ tuple or a dict.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from tl_jax.models import resnet, vgg
 
@@ -73,25 +72,3 @@ class TransferModel(nn.Module):
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
                bn_train: Optional[bool] = None) -> Any:
     return self.head(self.backbone(x_bhwc, train if bn_train is None else bn_train, mask_b))
-
-
-def init_transfer_variables(model: TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,
-                            image_size: int = 32) -> dict:
-  """{'params', 'batch_stats'} of `model`: the backbone from `state_dict` (torchvision names, NumPy
-  values; its classifier layers are ignored) or random, and the head fresh from its own init.
-
-  Raises:
-    tl_jax.convert.ConversionError when `state_dict` does not fit `model.arch`'s base.
-  """
-  from tl_jax import convert   # convert imports the model modules; import here to avoid a cycle
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  fresh = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
-  params = dict(fresh['params'])
-  batch_stats = dict(fresh.get('batch_stats', {}))
-  if state_dict is not None:
-    reference = {'params': params['backbone'], 'batch_stats': batch_stats.get('backbone', {})}
-    loaded = convert.torch_to_flax(state_dict, model.arch, reference=reference, base_only=True)
-    params['backbone'] = loaded['params']
-    if loaded['batch_stats']:
-      batch_stats['backbone'] = loaded['batch_stats']
-  return {'params': params, 'batch_stats': batch_stats}

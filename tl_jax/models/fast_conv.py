@@ -13,7 +13,7 @@ copy of the kernel per step; where the kernel is much larger than the output gra
 
 Both rewrites apply on CPU only (`lax.platform_dependent`); other backends keep XLA's own
 gradients. The forward pass is lax's convolution, so values are unchanged; gradients differ
-by summation order only (float rounding). `scripts/bench_step.py` measures the ResNet-18 step
+by summation order only (float rounding). `benchmarks/bench_step.py` measures the ResNet-18 step
 with and without them, and each conv shape.
 """
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -205,15 +205,5 @@ def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: 
   return ResNet(arch=arch, num_classes=num_classes, dtype=dtype, fast_backward=fast_backward)
 
 
-def init_variables(model: ResNet, rng: jax.Array, image_size: int = 224) -> dict:
-  """Random {'params', 'batch_stats'} for `model` (torchvision's init distributions)."""
-  dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-  return dict(jax.jit(lambda r: model.init(r, dummy, train=False))(rng))
-
-
 def num_features(arch: str) -> int:
   return ARCHS[arch].num_features
-
-
-def stage_sizes(arch: str) -> Sequence[int]:
-  return ARCHS[arch].stage_sizes

@@ -9,7 +9,7 @@ Top-level modules carry their stage in their name so that freezing can name them
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -142,7 +142,3 @@ class VGG(nn.Module):
     """Logits. `train` turns on dropout and (unless `bn_train` says otherwise) train-mode BatchNorm."""
     bn_train = train if bn_train is None else bn_train
     return self.head(self.features(x_bhwc, bn_train, mask_b), train)
-
-
-def block_sizes(arch: str) -> Sequence[int]:
-  return tuple(len(widths) for widths in ARCHS[arch].blocks)

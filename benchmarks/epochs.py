@@ -50,8 +50,8 @@ def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
 
 
 def run_tl_jax(config: TutorialRecipe, log: Callable[[str], None] = print) -> FrameworkRun:
-  """`tl_jax.train.train_and_evaluate` in a temporary workdir, without progress bars or plots."""
-  from tl_jax.train import train_and_evaluate
+  """`tl_jax.training.train_and_evaluate` in a temporary workdir, without progress bars or plots."""
+  from tl_jax.training import train_and_evaluate
   with tempfile.TemporaryDirectory(prefix='tl_jax_benchmark_') as workdir:
     start = time.perf_counter()
     # No plots: plotting is not part of the tutorial's loop.
@@ -69,7 +69,7 @@ def _log_stderr(prefix: str, message: str) -> None:
 def _torch_child(config: TutorialRecipe, data_root: str, state_dict, num_threads: Optional[int],
                  prefix: str) -> FrameworkRun:
   """Runs in a fresh process: the tutorial's loop and its forked DataLoader workers never see JAX."""
-  from tl_jax.reference.torch_tutorial import train_torch
+  from benchmarks.torch_tutorial import train_torch
   start = time.perf_counter()
   result = train_torch(config, data_root, state_dict=state_dict, log=functools.partial(_log_stderr, prefix),
                        num_threads=num_threads)
@@ -80,14 +80,15 @@ def _torch_child(config: TutorialRecipe, data_root: str, state_dict, num_threads
                        'start_method': result.start_method, 'matmul_gflops': torch_matmul_gflops()})
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+def _best_seconds(fn: Callable[[], Any], repeats: int) -> float:
+  """The fastest of `repeats` calls after a warm-up: a busy machine only ever adds time."""
   fn()   # warm-up (compilation, allocation)
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     fn()
     times.append(time.perf_counter() - start)
-  return sorted(times)[len(times) // 2]
+  return min(times)
 
 
 def jax_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -97,14 +98,14 @@ def jax_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
   matmul = jax.jit(jnp.matmul)
-  return 2 * n**3 / _median_seconds(lambda: matmul(a, b).block_until_ready(), repeats) / 1e9
+  return 2 * n**3 / _best_seconds(lambda: matmul(a, b).block_until_ready(), repeats) / 1e9
 
 
 def torch_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
   """The same float32 matmul in torch (its current thread setting): torch's side of the machine's rate."""
   import torch
   a, b = torch.randn(n, n), torch.randn(n, n)
-  return 2 * n**3 / _median_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+  return 2 * n**3 / _best_seconds(lambda: torch.mm(a, b), repeats) / 1e9
 
 
 def jaxpr_flops(jaxpr) -> float:
@@ -154,7 +155,7 @@ def epoch_flops(config: TutorialRecipe, sizes: dict[str, int], num_classes: int 
   import numpy as np
   from tl_jax import optim
   from tl_jax.models import create_model
-  from tl_jax.train import TrainState, eval_step, train_step
+  from tl_jax.training import create_train_state, eval_step, train_step
   model = create_model(config.arch, num_classes, fast_backward=False)
   batch = config.batch_size
   images = jax.ShapeDtypeStruct((batch, image_size, image_size, 3), np.float32)
@@ -163,9 +164,7 @@ def epoch_flops(config: TutorialRecipe, sizes: dict[str, int], num_classes: int 
   variables = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x, train=False), images)
   tx = optim.make_optimizer(variables['params'], config.strategy, {'name': 'sgd', 'momentum': config.momentum},
                             config.lr)
-  state = jax.eval_shape(lambda v: TrainState.create(apply_fn=model.apply, params=v['params'], tx=tx,
-                                                     batch_stats=v.get('batch_stats', {}),
-                                                     rng=jax.random.PRNGKey(0)), variables)
+  state = jax.eval_shape(lambda v: create_train_state(model, v, tx), variables)
   trainable = optim.trainable_mask(state.params, config.strategy)
   train = functools.partial(train_step, model=model, trainable=trainable, bn_train=config.bn == 'train')
   train_per_image = jaxpr_flops(jax.make_jaxpr(train)(state, example).jaxpr) / batch
@@ -178,7 +177,7 @@ def epoch_flops(config: TutorialRecipe, sizes: dict[str, int], num_classes: int 
 
 def run_torch(config: TutorialRecipe, data_root: str | Path, state_dict=None, num_threads: Optional[int] = None,
               prefix: str = '[torch]') -> FrameworkRun:
-  """The tutorial's PyTorch loop (`tl_jax.reference.torch_tutorial`) in a spawned child process.
+  """The tutorial's PyTorch loop (`benchmarks.torch_tutorial`) in a spawned child process.
 
   A child because JAX, once imported here, runs threads, and the tutorial's DataLoader workers
   are fork()ed: forking a process with JAX's threads can deadlock. The child imports no JAX, and
@@ -476,42 +475,3 @@ def summary_table(report: dict) -> list[str]:
                  f"{_fmt(ratio):>12} {_fmt(compile_s, 1):>9} {_fmt(features_s, 1):>10} "
                  f"{_fmt(100 * ours.get('data_wait_fraction', float('nan')), 1):>8}%")
   return lines
-
-
-def step_time_and_memory(arch: str = 'vgg16', batch_size: int = 32, strategy: str = 'finetune',
-                         image_size: int = 224, steps: int = 3, num_classes: int = 4) -> dict:
-  """Seconds per jitted train step (state donated) and this process's peak RSS, for one arch and batch.
-
-  Peak RSS covers everything this process allocated (params, optimizer state, activations and the
-  compiler), which on CPU is the memory a run of this shape needs.
-  """
-  import functools
-  import resource
-  import jax
-  import numpy as np
-  from tl_jax import optim
-  from tl_jax.models import create_model, init_variables
-  from tl_jax.train import TrainState, train_step
-  model = create_model(arch, num_classes)
-  variables = init_variables(model, jax.random.PRNGKey(0), 32)
-  tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 0.001)
-  state = TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                            batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(1))
-  del variables
-  step = jax.jit(functools.partial(train_step, model=model, bn_train=True,
-                                   trainable=optim.trainable_mask(state.params, strategy)), donate_argnums=0)
-  rng = np.random.default_rng(0)
-  batch = {'images': rng.standard_normal((batch_size, image_size, image_size, 3)).astype(np.float32),
-           'labels': rng.integers(0, num_classes, batch_size).astype(np.int32), 'mask': np.ones(batch_size, bool)}
-  start = time.perf_counter()
-  step = step.lower(state, batch).compile()
-  compile_seconds = time.perf_counter() - start
-  times = []
-  for _ in range(steps + 1):   # the first step warms up
-    start = time.perf_counter()
-    state, sums = step(state, batch)
-    jax.block_until_ready(sums)
-    times.append(time.perf_counter() - start)
-  return {'arch': arch, 'batch_size': batch_size, 'strategy': strategy, 'image_size': image_size,
-          'compile_seconds': compile_seconds, 'step_seconds': sorted(times[1:])[len(times[1:]) // 2],
-          'peak_rss_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

@@ -6,8 +6,8 @@ shuffles val too), torchvision's resnet18 with `fc` replaced, SGD(0.001, 0.9) ov
 (finetune) or over `fc` only with the backbone's `requires_grad` off (frozen), StepLR(7, 0.1)
 stepped once per epoch, and a deep copy of the state dict whenever val accuracy strictly improves.
 
-It is the baseline for `tl_jax.benchmark` (speed) and for behavioural tests (what is frozen, the
-learning rate per epoch). It imports torch, so nothing in tl_jax's training path imports it.
+It is the baseline for `benchmarks.epochs` (speed) and for behavioural tests (what is frozen, the
+learning rate per epoch). It imports torch and lives outside the package: nothing in tl_jax imports it.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def image_datasets(data_root: str | os.PathLike) -> dict[str, datasets.ImageFold
 def worker_context(num_workers: int) -> Optional[multiprocessing.context.BaseContext]:
   """The start method of the tutorial's workers as it runs on Linux: fork.
 
-  Stated, not inherited: a process started by `spawn` (as tl_jax.benchmark starts this one)
+  Stated, not inherited: a process started by `spawn` (as benchmarks.epochs starts this one)
   makes spawn its own default, and the DataLoader would then start fresh interpreters that
   import torch again, for every phase of every epoch (non-persistent workers). None at 0
   workers (the DataLoader takes no context then) and where fork does not exist.

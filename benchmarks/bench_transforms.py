@@ -9,7 +9,7 @@ Prints, for the material's full augmentation list and the tutorial's training li
   - with --train-epochs N: a short training run of a random-init ResNet-18 with the full list and
     the data-wait share of train time that train.py reports (the issue's 5 % bound).
 
-Usage: python scripts/bench_transforms.py [--data data/hymenoptera_data] [--rounds 5] [--per-op]
+Usage: python benchmarks/bench_transforms.py [--data data/hymenoptera_data] [--rounds 5] [--per-op]
 """
 
 from __future__ import annotations
@@ -18,17 +18,20 @@ import argparse
 import json
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from tl_jax.data import augment
-from tl_jax.data.bench import MATERIAL_TRAIN as FULL_TRAIN, MATERIAL_VAL as FULL_VAL
-from tl_jax.data.folder import ImageFolder, load_image
-from tl_jax.data.loader import Loader
-from tl_jax.weights import Preprocessing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ is not installed
+
+from benchmarks.loader import MATERIAL_TRAIN as FULL_TRAIN, MATERIAL_VAL as FULL_VAL  # noqa: E402
+from tl_jax.data import augment  # noqa: E402
+from tl_jax.data.folder import ImageFolder, load_image  # noqa: E402
+from tl_jax.data.loader import Loader  # noqa: E402
+from tl_jax.weights import Preprocessing  # noqa: E402
 
 
 def torchvision_compose(spec):
@@ -122,7 +125,7 @@ def loader_throughput(specs: dict, samples, workers: int, batch_size: int, round
 
 def train_data_wait(data: Path, epochs: int, batch_size: int, workers: int) -> None:
   """A short run of train.py's loop with the full list as its train transforms; prints its data-wait share."""
-  from tl_jax import train
+  from tl_jax import training as train
   from tl_jax.config import validate
   config = validate({
       'model': {'arch': 'resnet18', 'weights': 'random'},

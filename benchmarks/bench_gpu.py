@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train-step throughput (images/s) in bfloat16 and float32, on every device or on several counts.
 
-  python scripts/bench_gpu.py                               # GPU: ResNet-18, batch 256, bf16 and f32
-  python scripts/bench_gpu.py --devices 1,2 --cpu-devices 2 # CPU: 1 vs 2 forced devices, interleaved
-  python scripts/bench_gpu.py --json step.json
+  python benchmarks/bench_gpu.py                               # GPU: ResNet-18, batch 256, bf16 and f32
+  python benchmarks/bench_gpu.py --devices 1,2 --cpu-devices 2 # CPU: 1 vs 2 forced devices, interleaved
+  python benchmarks/bench_gpu.py --json step.json
 
 On a machine without an accelerator the defaults shrink to a smoke test (batch 8, 64x64 images).
 The batch lives on the devices already: this is the step alone, not the input pipeline.
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ is not installed
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
   import jax
   if args.cpu_devices:
     jax.config.update('jax_num_cpu_devices', args.cpu_devices)
-  from tl_jax import parallel
+  from benchmarks.steps import time_train_step
   on_cpu = jax.devices()[0].platform == 'cpu'
   batch = args.batch_size or (8 if on_cpu else 256)
   size = args.image_size or (64 if on_cpu else 224)
@@ -46,7 +46,7 @@ def main() -> int:
   for dtype in [d.strip() for d in args.dtypes.split(',') if d.strip()]:
     if dtype not in ('bfloat16', 'float32'):
       parser.error(f'--dtypes: {dtype!r} is neither bfloat16 nor float32')
-    rows += parallel.time_train_step(args.arch, batch, dtype, size, args.strategy, steps, args.rounds, counts)
+    rows += time_train_step(args.arch, batch, dtype, size, args.strategy, steps, args.rounds, counts)
   print(f"{'dtype':<9} {'devices':>7} {'batch':>6} {'img/s best':>11} {'median':>9} {'compile s':>9}  device")
   for r in rows:
     print(f"{r['dtype']:<9} {r['devices']:>7} {r['batch_size']:>6} {r['images_per_second_best']:>11.1f} "

@@ -4,7 +4,7 @@ The tutorial's train transforms (batch 32 and its own batch 4) and a heavy list 
 RandomHorizontalFlip, RandomRotation, ColorJitter, RandomGrayscale) at 1, 2 and all-core workers,
 on the same files; frameworks interleaved epoch by epoch; the first epoch is warm-up.
 
-Usage: python scripts/bench_loader.py [--data data/hymenoptera_data/train] [--workers 1 2 8] [--epochs 4]
+Usage: python benchmarks/bench_loader.py [--data data/hymenoptera_data/train] [--workers 1 2 8] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import argparse
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
-from tl_jax.data import bench
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ is not installed
+
+from benchmarks import loader as bench  # noqa: E402
 
 
 def main() -> None:

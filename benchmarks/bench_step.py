@@ -1,6 +1,6 @@
 """Per-step time of the jitted ResNet train step against torch's, per strategy, and per conv op.
 
-  python scripts/bench_step.py [--steps 12] [--batch 4] [--size 224] [--ops] [--jax-profile] [--torch-profile]
+  python benchmarks/bench_step.py [--steps 12] [--batch 4] [--size 224] [--ops] [--jax-profile] [--torch-profile]
 
 Every variant is compiled first, then the variants run in turn, one step each per round, so a
 busy machine slows them alike; the table shows the median over rounds. Variants: XLA's own conv
@@ -44,13 +44,12 @@ def _interleaved(fns: dict, rounds: int) -> dict:
 
 def jax_step(strategy: str, fast_backward: bool, batch: int, size: int, bn: str = 'train'):
   """A zero-argument callable running one jitted train step (state carried), and its compile time."""
-  from tl_jax import optim, train
+  from tl_jax import optim, training as train
   from tl_jax.models import create_model, init_variables
   model = create_model('resnet18', 2, fast_backward=fast_backward)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
   tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 0.001)
-  state = train.TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
-                                  batch_stats=variables['batch_stats'], rng=jax.random.PRNGKey(1))
+  state = train.create_train_state(model, variables, tx, jax.random.PRNGKey(1))
   rng = np.random.default_rng(0)
   data = {'images': rng.standard_normal((batch, size, size, 3), dtype=np.float32),
           'labels': rng.integers(0, 2, batch).astype(np.int32), 'mask': np.ones(batch, bool)}

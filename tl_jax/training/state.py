@@ -1,0 +1,42 @@
+"""The train state: params, BatchNorm statistics, optimizer state, and the dropout key."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import jax
+import optax
+from flax.training import train_state
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any = None
+  # Base key for dropout; the step's key is fold_in(rng, step), so a resumed run draws the same masks.
+  rng: Any = None
+
+
+def create_train_state(model, variables: Mapping, tx: optax.GradientTransformation,
+                       rng: Optional[jax.Array] = None) -> TrainState:
+  """A state for `model` over `variables` ({'params', 'batch_stats'}; no 'batch_stats' for models
+  without BatchNorm) with optimizer `tx` and dropout key `rng` (default PRNGKey(0))."""
+  return TrainState.create(apply_fn=model.apply, params=variables['params'], tx=tx,
+                           batch_stats=variables.get('batch_stats', {}),
+                           rng=jax.random.PRNGKey(0) if rng is None else rng)
+
+
+def dropout_key(state: TrainState) -> jax.Array:
+  """This step's dropout key. A state without `rng` uses PRNGKey(0), so ResNet states built
+  before the field existed still run (ResNets draw nothing)."""
+  base = state.rng if state.rng is not None else jax.random.PRNGKey(0)
+  return jax.random.fold_in(base, state.step)
+
+
+def model_variables(state: TrainState) -> dict:
+  """{'params', 'batch_stats'}: what a model checkpoint holds."""
+  return {'params': state.params, 'batch_stats': state.batch_stats if state.batch_stats is not None else {}}
+
+
+def state_tree(state: TrainState) -> dict:
+  """What a run checkpoint holds: the variables, the optimizer state and the step."""
+  return {'params': state.params, 'batch_stats': state.batch_stats, 'opt_state': state.opt_state,
+          'step': state.step}

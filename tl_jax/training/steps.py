@@ -1,0 +1,108 @@
+"""Pure steps: `train_step(state, batch) -> (state, sums)`, `eval_step(state, batch) -> sums` and
+`features_step`, jitted where they are used (tl_jax.parallel), with the state donated.
+
+Metrics come back as masked sums (a padded row adds nothing); the host divides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tl_jax import losses
+from tl_jax.training.state import TrainState, dropout_key, model_variables
+
+
+def _split(tree: Mapping, trainable) -> tuple[Optional[dict], Optional[dict]]:
+  """(learned, fixed) parts of `tree` by `trainable`, a bool or a prefix tree of bools."""
+  if isinstance(trainable, bool):
+    return (dict(tree), None) if trainable else (None, dict(tree))
+  learned, fixed = {}, {}
+  for key, sub in tree.items():
+    mask = trainable[key]
+    if isinstance(mask, bool) or not isinstance(sub, Mapping):
+      (learned if mask else fixed)[key] = sub
+      continue
+    sub_learned, sub_fixed = _split(sub, mask)
+    if sub_learned:
+      learned[key] = sub_learned
+    if sub_fixed:
+      fixed[key] = sub_fixed
+  return learned, fixed
+
+
+def _merge(a: Optional[Mapping], b: Optional[Mapping]) -> dict:
+  if not a or not b:
+    return dict(a or b or {})
+  out = dict(a)
+  for key, value in b.items():
+    out[key] = _merge(out[key], value) if key in out and isinstance(value, Mapping) else value
+  return out
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+               trainable: Mapping[str, Any], bn_train: bool,
+               loss: losses.Loss = losses.cross_entropy) -> tuple[TrainState, dict]:
+  """One optimizer step on the mean loss of the valid rows of `batch`.
+
+  Args:
+    state: params, batch_stats ({} for models without BatchNorm), optimizer state, dropout rng.
+    batch: 'images' (B, H, W, 3), 'mask' (B,) with False on padding rows, and what `loss`
+      reads ('labels' (B,) for cross-entropy, 'targets' for regression). With 'features' (B, F)
+      in place of 'images' (tl_jax.feature_cache), only the model's `from_features` runs.
+    model: a ResNet, VGG or TransferModel.
+    trainable: module -> learns (`optim.trainable_mask`: a bool per top-level module, or a
+      nested dict of them). Only those are differentiated, so no backward pass runs through a
+      frozen backbone (the optimizer's `set_to_zero` keeps them unchanged).
+    bn_train: BatchNorm uses (masked) batch statistics and updates its running stats, as under
+      torch's model.train(); False: running stats everywhere (eval-mode BN). Dropout is on
+      either way, as torch's model.train() with only the BN modules put in eval().
+    loss: (outputs, batch) -> masked sums with 'loss_sum' and 'count' (see tl_jax.losses).
+  """
+  learned, fixed = _split(state.params, trainable)
+  batch_stats = state.batch_stats if state.batch_stats is not None else {}
+
+  def loss_fn(learned_params):
+    variables = {'params': _merge(fixed, learned_params), 'batch_stats': batch_stats}
+    if 'features' in batch:   # cached backbone features (tl_jax.feature_cache): the backbone is fixed
+      outputs, updates = model.apply(variables, batch['features'], train=True, method='from_features',
+                                     mutable=[], rngs={'dropout': dropout_key(state)})
+    else:
+      outputs, updates = model.apply(variables, batch['images'], train=True, bn_train=bn_train,
+                                     mask_b=batch['mask'], mutable=['batch_stats'] if bn_train else [],
+                                     rngs={'dropout': dropout_key(state)})
+    sums = loss(outputs, batch)
+    return sums['loss_sum'] / sums['count'], (sums, updates.get('batch_stats', batch_stats))
+
+  (_, (sums, new_batch_stats)), learned_grads = jax.value_and_grad(loss_fn, has_aux=True)(learned or {})
+  # Frozen modules get zero gradients; optax.partition routes them to set_to_zero, which
+  # never reads them, so XLA folds these zeros away.
+  grads = _merge(learned_grads, jax.tree_util.tree_map(jnp.zeros_like, fixed) if fixed else None)
+  state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
+  return state, sums
+
+
+def features_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
+  """Eval-mode backbone features (B, F) of an image batch, for tl_jax.feature_cache."""
+  return {'features': model.apply(model_variables(state), batch['images'], train=False, method='features')}
+
+
+def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
+              loss: losses.Loss = losses.cross_entropy) -> dict:
+  """Eval-mode forward (of 'images', or of cached 'features'); masked sums of the loss (and correct
+  predictions) and count.
+
+  Classification adds 'predictions' (argmax); other heads' outputs are returned as 'outputs'.
+  """
+  variables = model_variables(state)
+  if 'features' in batch:   # cached backbone features (tl_jax.feature_cache)
+    outputs = model.apply(variables, batch['features'], train=False, method='from_features')
+  else:
+    outputs = model.apply(variables, batch['images'], train=False)
+  sums = loss(outputs, batch)
+  if 'correct' in sums:
+    return {**sums, 'predictions': jnp.argmax(outputs, axis=-1)}
+  return {**sums, 'outputs': outputs}
