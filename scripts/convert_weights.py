@@ -1,41 +1,8 @@
 #!/usr/bin/env python
-"""Convert torchvision weights to a tl_jax checkpoint, or back.
-
-  python scripts/convert_weights.py --from-torch resnet18-f37072fd.pth --out ckpt/resnet18
-  python scripts/convert_weights.py --from-torch vgg16-397923af.pth --arch vgg16 --out ckpt/vgg16
-  python scripts/convert_weights.py --to-torch runs/frozen --out frozen.pth
-"""
-
-import argparse
-from pathlib import Path
+"""`tl-jax convert` from a checkout; see tl_jax/commands/convert.py (--help lists the options)."""
 
 from tl_jax import cli
-
-
-def main() -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  direction = parser.add_mutually_exclusive_group(required=True)
-  direction.add_argument('--from-torch', metavar='SRC', help='torchvision state dict (.pth/.safetensors)')
-  direction.add_argument('--to-torch', metavar='DIR', help='tl_jax checkpoint dir or training workdir')
-  parser.add_argument('--out', required=True, help='checkpoint dir to create, or the .pth/.safetensors to write')
-  parser.add_argument('--arch', help='expected architecture: resnet18 | resnet34 | resnet50 | resnet101 | '
-                      'vgg11 | vgg13 | vgg16 | vgg19, each vgg also _bn (default: recognised from the file)')
-  parser.add_argument('--class-names', help="comma-separated names of the last layer's outputs")
-  parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
-  args = parser.parse_args()
-
-  from tl_jax import export
-  if args.from_torch:
-    names = args.class_names.split(',') if args.class_names else None
-    model = export.import_torch_weights(args.from_torch, args.out, args.arch, names, args.overwrite)
-    print(f'wrote {args.out}: {model.arch}, {model.num_classes} classes')
-  else:
-    if Path(args.out).exists() and not args.overwrite:
-      raise ValueError(f'{args.out} already exists; pass --overwrite to replace it')
-    state_dict = export.export_torch_weights(args.to_torch, args.out)
-    print(f'wrote {args.out}: {len(state_dict)} tensors')
-  return 0
-
+from tl_jax.commands import convert
 
 if __name__ == '__main__':
-  cli.run(main)
+  cli.run(convert.main)

@@ -7,7 +7,8 @@ import pytest
 from tl_jax import config as config_lib
 from tl_jax.config import ConfigError, TutorialRecipe, apply_overrides, load_config, read_yaml, validate
 
-CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'   # the example recipes of the checkout
+SHIPPED = sorted(CONFIGS.glob('*.yaml')) + [config_lib.preset_path(name) for name in config_lib.PRESETS]
 
 
 def _write(tmp_path, text):
@@ -20,7 +21,7 @@ def _one_stage(**stage):
   return {'stages': [{'name': 's', 'epochs': 2, **stage}]}
 
 
-@pytest.mark.parametrize('path', sorted(CONFIGS.glob('*.yaml')), ids=lambda p: p.name)
+@pytest.mark.parametrize('path', SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
   config = load_config(path)
   assert config.epochs >= 1 and config.stages
@@ -28,7 +29,7 @@ def test_every_shipped_config_validates(path):
 
 @pytest.mark.parametrize('strategy, trainable', [('frozen', ['head']), ('finetune', 'all')])
 def test_shipped_tutorial_configs_hold_the_tutorial_recipe(strategy, trainable):
-  config = load_config(CONFIGS / f'{strategy}.yaml')
+  config = config_lib.load_recipe(strategy)
   (stage,) = config.stages
   assert (config.model.arch, config.data.batch_size, config.epochs, stage.bn) == ('resnet18', 4, 25, 'train')
   assert stage.trainable == trainable
@@ -100,7 +101,7 @@ def test_trainable_flag_sets_the_single_stage_and_is_refused_for_several():
 
 
 def test_two_stage_shortcut_reshapes_the_shipped_file():
-  values = read_yaml(CONFIGS / 'two_stage.yaml')
+  values = read_yaml(config_lib.preset_path('two-stage'))
   config = validate(config_lib.two_stage_values(values, head_epochs=3, epochs=8, lr=0.01))
   head, rest = config.stages
   assert (head.epochs, rest.epochs) == (3, 5)
@@ -156,7 +157,7 @@ def test_missing_file_and_a_bad_flag_value(tmp_path):
   with pytest.raises(ConfigError, match='not found'):
     load_config(tmp_path / 'nope.yaml')
   with pytest.raises(ConfigError, match=r"stages\[0\]\.bn .*after the command-line flags.*'sometimes'"):
-    load_config(CONFIGS / 'frozen.yaml', {'bn': 'sometimes'})
+    load_config(config_lib.preset_path('frozen'), {'bn': 'sometimes'})
 
 
 def test_changed_keys_name_the_key_path_and_ignore_runtime_keys():
@@ -174,3 +175,15 @@ def test_a_milestone_past_the_stage_end_is_warned():
   (warning,) = config_lib.recipe_warnings(config)
   assert 'stages[0].schedule' in warning and '[5]' in warning and '2 epochs' in warning
   assert config_lib.recipe_warnings(validate(_one_stage())) == []
+
+
+def test_load_recipe_takes_a_preset_or_a_file_with_overrides(tmp_path):
+  frozen = config_lib.load_recipe('frozen', epochs=3, lr=0.01, arch=None)
+  assert frozen.epochs == 3 and frozen.stages[0].optimizer.lr == 0.01 and frozen.model.arch == 'resnet18'
+  assert config_lib.load_recipe('two-stage').stages[1].trainable == 'all'
+  path = _write(tmp_path, 'stages: [{name: s, epochs: 2}]\n')
+  assert config_lib.load_recipe(path, seed=3).seed == 3
+  with pytest.raises(ConfigError, match='config file .*nothing.yaml not found'):
+    config_lib.load_recipe(tmp_path / 'nothing.yaml')
+  # The presets are package data: they live inside tl_jax, not beside a checkout.
+  assert config_lib.preset_path('finetune').parent.parent == Path(config_lib.__file__).resolve().parent

@@ -1,5 +1,6 @@
-"""The package's imports point down: each module imports only from its own layer or lower ones,
-and no two modules import each other, directly or around a loop (function-level imports count)."""
+"""The package's shape: imports point down (each module imports only from its own layer or lower
+ones), no two modules import each other directly or around a loop (function-level imports count),
+and no function is longer than 80 lines."""
 
 import ast
 from pathlib import Path
@@ -9,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'tl_jax'
 # Low to high. A module belongs to the first layer that names it or a package above it.
 LAYERS = (
     ('tl_jax', 'tl_jax.xla_defaults', 'tl_jax.cli', 'tl_jax.fetch', 'tl_jax.losses', 'tl_jax.metrics',
-     'tl_jax.plots'),                                   # runtime settings and leaf helpers
+     'tl_jax.plots', 'tl_jax.presets'),                 # runtime settings, leaf helpers, package data
     ('tl_jax.models',),                                 # Flax modules; nothing outside models/
     ('tl_jax.optim',),                                  # stage labels -> optax
     ('tl_jax.data',),                                   # files -> transforms -> loader -> caches
@@ -19,6 +20,7 @@ LAYERS = (
      'tl_jax.inference', 'tl_jax.export'),
     ('tl_jax.evaluate', 'tl_jax.predict'),
     ('tl_jax.training',),                               # state, steps, stages, the run loop
+    ('tl_jax.commands',),                               # the command line
 )
 
 
@@ -113,3 +115,13 @@ def test_the_checks_see_a_bad_edge(tmp_path, monkeypatch):
     assert 'tl_jax.models -> tl_jax.training -> tl_jax.models' in str(e)
   else:
     raise AssertionError('the cycle was not found')
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+  long = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+        long.append(f'{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name} '
+                    f'({node.end_lineno - node.lineno + 1} lines)')
+  assert not long, '\n'.join(long)

@@ -1,5 +1,6 @@
 """The command-line entry points end to end, as a user runs them."""
 
+import importlib
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from helpers import TOL, data_root, random_torchvision_model, rel_err, within
+from tl_jax import cli, commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,29 +148,64 @@ def test_train_writes_artifacts_and_predict_loads_the_best_checkpoint(tmp_path):
   assert acc == pytest.approx(best)
 
 
-def test_train_refuses_bad_flags_and_missing_data(tmp_path):
-  proc = run_script('train.py', '--strategy', 'frozen', '--data', tmp_path / 'nope', '--weights', 'random',
-                    '--workdir', tmp_path / 'w', check=False)
-  assert proc.returncode == 2 and 'nope' in proc.stderr and 'Traceback' not in proc.stderr
-  proc = run_script('train.py', '--strategy', 'frozen', '--epochs', '0', '--workdir', tmp_path / 'w', check=False)
-  assert proc.returncode == 2 and 'epochs' in proc.stderr
+def run_main(command, *args, capsys):
+  """`tl-jax COMMAND ARGS` in this process: (exit status, stdout, stderr)."""
+  module = importlib.import_module(f'tl_jax.commands.{command}')
+  with pytest.raises(SystemExit) as info:
+    cli.run(lambda: module.main([str(a) for a in args], prog=f'tl-jax {command}'))
+  captured = capsys.readouterr()
+  return info.value.code, captured.out, captured.err
+
+
+def test_train_refuses_bad_flags_and_missing_data(tmp_path, capsys):
+  def train(*args):
+    code, _, err = run_main('train', *args, capsys=capsys)
+    assert 'Traceback' not in err
+    return code, err
+
+  code, err = train('--strategy', 'frozen', '--data', tmp_path / 'nope', '--weights', 'random',
+                    '--workdir', tmp_path / 'w')
+  assert code == 2 and 'nope' in err
+  code, err = train('--strategy', 'frozen', '--epochs', '0', '--workdir', tmp_path / 'w')
+  assert code == 2 and 'epochs' in err
   data = make_folder(tmp_path / 'data')
   (data / 'val' / 'wasps').mkdir()
   Image.new('RGB', (50, 50)).save(data / 'val' / 'wasps' / 'w.jpg')
-  proc = run_script('train.py', '--data', data, '--weights', 'random', '--workdir', tmp_path / 'w', check=False)
-  assert proc.returncode == 2 and 'wasps' in proc.stderr
+  code, err = train('--data', data, '--weights', 'random', '--workdir', tmp_path / 'w')
+  assert code == 2 and 'wasps' in err
   (tmp_path / 'a_file').write_text('')
   for workdir, reason in ((tmp_path / 'a_file', 'is a file'), (tmp_path / 'a_file' / 'run', 'Not a directory')):
-    proc = run_script('train.py', '--data', data, '--weights', 'random', '--workdir', workdir, check=False)
-    assert proc.returncode == 2 and reason in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+    code, err = train('--data', data, '--weights', 'random', '--workdir', workdir)
+    assert code == 2 and reason in err, err
   config = tmp_path / 'c.yaml'
   config.write_text('stages: [{name: s, epochs: many}]\n')
-  proc = run_script('train.py', '--config', config, check=False)
-  assert proc.returncode == 2 and 'stages[0].epochs in' in proc.stderr and "'many'" in proc.stderr
-  proc = run_script('train.py', '--strategy', 'frozen', '--trainable', 'layer9', check=False)
-  assert proc.returncode == 2 and "no stage 'layer9'" in proc.stderr and 'layer4' in proc.stderr
-  proc = run_script('train.py', '--strategy', 'two-stage', '--head-epochs', '5', '--epochs', '5', check=False)
-  assert proc.returncode == 2 and '--head-epochs 5, --epochs 5' in proc.stderr
+  code, err = train('--config', config)
+  assert code == 2 and 'stages[0].epochs in' in err and "'many'" in err
+  code, err = train('--strategy', 'frozen', '--trainable', 'layer9')
+  assert code == 2 and "no stage 'layer9'" in err and 'layer4' in err
+  code, err = train('--strategy', 'two-stage', '--head-epochs', '5', '--epochs', '5')
+  assert code == 2 and '--head-epochs 5, --epochs 5' in err
+  code, err = train('--strategy', 'sometimes')
+  assert code == 2 and "tl-jax train: error: argument --strategy: invalid choice: 'sometimes'" in err
+
+
+def test_the_tl_jax_command_dispatches_to_each_command(capsys):
+  for argv, status in (([], 2), (['--help'], 0), (['bogus'], 2)):
+    with pytest.raises(SystemExit) as info:
+      commands.main(argv)
+    assert info.value.code == status
+  assert "unknown command 'bogus'" in capsys.readouterr().err
+  for command in commands.COMMANDS:
+    with pytest.raises(SystemExit) as info:
+      commands.main([command, '--help'])
+    assert info.value.code == 0
+    assert f'usage: tl-jax {command}' in capsys.readouterr().out
+
+
+def test_scripts_are_shims_over_the_commands():
+  # One subprocess: the checkout's script path reaches the same parser as `tl-jax train`.
+  proc = run_script('train.py', '--strategy', 'sometimes', check=False)
+  assert proc.returncode == 2 and "invalid choice: 'sometimes'" in proc.stderr
 
 
 TWO_STAGE = """

@@ -414,7 +414,10 @@ def test_every_shipped_config_runs_one_short_epoch_per_stage(tmp_path, name):
   from pathlib import Path
   from tl_jax.config import apply_overrides, read_yaml, validate
   from tl_jax.training import train_and_evaluate
-  values = read_yaml(Path(__file__).resolve().parents[1] / 'configs' / f'{name}.yaml')
+  from tl_jax.config import preset_path
+  file = preset_path(name.replace('_', '-')) if name in ('frozen', 'finetune', 'two_stage') else (
+      Path(__file__).resolve().parents[1] / 'configs' / f'{name}.yaml')
+  values = read_yaml(file)
   small_arch = 'vgg11' if values['model']['arch'].startswith('vgg') else 'resnet18'
   config = validate(apply_overrides(values, {
       'arch': small_arch, 'weights': 'random', 'data': str(_small_folder(tmp_path / 'data', 4, 2)),

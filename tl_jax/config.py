@@ -396,7 +396,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
   old = sorted(_OLD_KEYS & set(loaded))
   if old:
     raise ConfigError(f'{path} uses the flat keys {old} of the first config format; write them as model: / data: / '
-                      'stages: (see configs/finetune.yaml)')
+                      'stages: (see tl_jax/presets/finetune.yaml)')
   return _numbers(loaded)
 
 
@@ -412,6 +412,25 @@ def _numbers(tree):
     except ValueError:
       return tree
   return tree
+
+
+# The --strategy presets, shipped in the package (tl_jax/presets/<file>).
+PRESETS = {'frozen': 'frozen.yaml', 'finetune': 'finetune.yaml', 'two-stage': 'two_stage.yaml'}
+
+
+def preset_path(name: str) -> Path:
+  """The YAML file of a shipped preset ('frozen', 'finetune', 'two-stage')."""
+  if name not in PRESETS:
+    raise ConfigError(f'unknown preset {name!r}; choose one of {", ".join(sorted(PRESETS))} or pass a config file')
+  return Path(__file__).resolve().parent / 'presets' / PRESETS[name]
+
+
+def load_recipe(preset_or_path: str | Path, **overrides: Any) -> Config:
+  """A validated Config from a preset name (`PRESETS`) or a YAML file, with flag overrides
+  (`apply_overrides`' names; None values are ignored)."""
+  name = str(preset_or_path)
+  path = preset_path(name) if name in PRESETS else Path(preset_or_path)
+  return load_config(path, overrides)
 
 
 def load_config(path: Optional[str | Path] = None, overrides: Optional[Mapping[str, Any]] = None) -> Config:
@@ -485,7 +504,7 @@ def two_stage_values(values: Mapping[str, Any], head_epochs: int, epochs: Option
                      lr: Optional[float]) -> dict[str, Any]:
   """The two-stage shortcut: `head` for `head_epochs`, then all layers at lr/10 for the rest of `epochs`.
 
-  `values` is a two-stage config (configs/two_stage.yaml); epochs and lr given as flags reshape it
+  `values` is a two-stage config (tl_jax/presets/two_stage.yaml); epochs and lr given as flags reshape it
   (here `epochs` is the total over both stages, not per stage).
   """
   values = copy.deepcopy(dict(values))
