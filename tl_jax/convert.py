@@ -18,7 +18,6 @@ torch's (C, H, W) order, so every Linear is a plain transpose.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable, Mapping, Optional
 
 import jax
@@ -26,89 +25,29 @@ import jax.numpy as jnp
 import numpy as np
 
 from tl_jax import models
-from tl_jax.models import ARCHS, resnet, stage_of, vgg
+from tl_jax.models import ARCHS, FAMILIES, family_of, stage_of
+from tl_jax.models.family import Entry
 
 
 class ConversionError(ValueError):
   """A state dict or variable tree does not fit the architecture."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Entry:
-  torch_name: str            # e.g. 'layer1.0.bn1.running_var'
-  collection: str            # 'params' | 'batch_stats'
-  path: tuple[str, ...]      # e.g. ('layer1_0', 'bn1', 'var')
-  kind: str                  # 'conv' | 'linear_w' | 'copy'
-
-
-def _conv(torch_prefix: str, flax_path: tuple[str, ...], bias: bool = False) -> list[Entry]:
-  entries = [Entry(f'{torch_prefix}.weight', 'params', flax_path + ('kernel',), 'conv')]
-  if bias:
-    entries.append(Entry(f'{torch_prefix}.bias', 'params', flax_path + ('bias',), 'copy'))
-  return entries
-
-
-def _linear(torch_prefix: str, flax_name: str) -> list[Entry]:
-  return [Entry(f'{torch_prefix}.weight', 'params', (flax_name, 'kernel'), 'linear_w'),
-          Entry(f'{torch_prefix}.bias', 'params', (flax_name, 'bias'), 'copy')]
-
-
-def _bn(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
-  return [
-      Entry(f'{torch_prefix}.weight', 'params', flax_path + ('scale',), 'copy'),
-      Entry(f'{torch_prefix}.bias', 'params', flax_path + ('bias',), 'copy'),
-      Entry(f'{torch_prefix}.running_mean', 'batch_stats', flax_path + ('mean',), 'copy'),
-      Entry(f'{torch_prefix}.running_var', 'batch_stats', flax_path + ('var',), 'copy'),
-  ]
-
-
 def name_table(arch: str, include_head: bool = True, base_only: bool = False) -> list[Entry]:
-  """Every tensor of torchvision's `arch` with where it lives in the Flax variables.
+  """Every tensor of torchvision's `arch` with where it lives in the Flax variables (its family's table).
 
   Args:
     include_head: with the last layer (`fc`, VGG's `classifier.6`).
     base_only: only the convolutional base (`tl_jax.models.Backbone`): ResNet without `fc`,
       VGG's `features` without any `classifier` layer.
   """
-  if arch not in ARCHS:
-    raise ConversionError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
+  try:
+    family = family_of(arch)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  table = family.name_table(arch, include_head and not base_only)
   if base_only:
-    return [e for e in name_table(arch, include_head=False) if stage_of(e.path[0]) not in ('classifier', 'head')]
-  if arch in vgg.ARCHS:
-    return _vgg_table(arch, include_head)
-  spec = resnet.ARCHS[arch]
-  convs_per_block = 2 if spec.block == 'basic' else 3
-  table = _conv('conv1', ('conv1',)) + _bn('bn1', ('bn1',))
-  for stage, num_blocks in enumerate(spec.stage_sizes, start=1):
-    for index in range(num_blocks):
-      t, f = f'layer{stage}.{index}', f'layer{stage}_{index}'
-      for c in range(1, convs_per_block + 1):
-        table += _conv(f'{t}.conv{c}', (f, f'conv{c}')) + _bn(f'{t}.bn{c}', (f, f'bn{c}'))
-      if index == 0 and (stage > 1 or spec.block == 'bottleneck'):
-        table += _conv(f'{t}.downsample.0', (f, 'downsample_conv'))
-        table += _bn(f'{t}.downsample.1', (f, 'downsample_bn'))
-  if include_head:
-    table += _linear('fc', 'fc')
-  return table
-
-
-def _vgg_table(arch: str, include_head: bool) -> list[Entry]:
-  """torch's `features` is one Sequential: conv, [bn,] relu per conv and a max-pool per block."""
-  spec = vgg.ARCHS[arch]
-  table, index = [], 0
-  for b, widths in enumerate(spec.blocks, start=1):
-    for i in range(1, len(widths) + 1):
-      table += _conv(f'features.{index}', (f'block{b}_conv{i}',), bias=True)
-      index += 1
-      if spec.batch_norm:
-        table += _bn(f'features.{index}', (f'block{b}_bn{i}',))
-        index += 1
-      index += 1   # ReLU
-    index += 1     # MaxPool2d
-  # classifier: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear, 4 ReLU, 5 Dropout, 6 Linear (the head).
-  table += _linear('classifier.0', 'classifier_0') + _linear('classifier.3', 'classifier_3')
-  if include_head:
-    table += _linear('classifier.6', vgg.HEAD)
+    return [e for e in table if stage_of(e.path[0]) not in family.head_stages]
   return table
 
 
@@ -252,14 +191,11 @@ def guess_arch(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:
   return None
 
 
-_HEAD_WEIGHTS = ('fc.weight', 'classifier.6.weight')
-
-
 def head_num_classes(state_dict: Mapping[str, np.ndarray]) -> Optional[int]:
   """Output size of the last layer (`fc` or VGG's `classifier.6`) in a torchvision state dict, or None."""
-  for name in _HEAD_WEIGHTS:
-    if name in state_dict:
-      return int(np.shape(state_dict[name])[0])
+  for family in FAMILIES:
+    if f'{family.head_torch}.weight' in state_dict:
+      return int(np.shape(state_dict[f'{family.head_torch}.weight'])[0])
   return None
 
 
@@ -274,7 +210,7 @@ def replace_head(variables: Mapping, fresh_variables: Mapping) -> dict:
     fresh_variables: `init_variables` of the target model with `num_classes` outputs; its head
       has nn.Linear's init distribution.
   """
-  heads = [name for name in ('fc', vgg.HEAD) if name in fresh_variables['params']]
+  heads = list(dict.fromkeys(f.head for f in FAMILIES if f.head in fresh_variables['params']))
   if len(heads) != 1:
     raise ConversionError(f'cannot tell the head among {sorted(fresh_variables["params"])}')
   head = heads[0]

@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional, Union
 import numpy as np
 
 from tl_jax.fetch import FetchError, fetch
+from tl_jax.models.registry import FAMILIES
 
 PathLike = Union[str, os.PathLike]
 
@@ -57,23 +58,10 @@ class Preprocessing:
 
 IMAGENET_PREPROCESSING = Preprocessing()
 
-# torchvision's IMAGENET1K_V1 weights (the tutorial's `pretrained=True`).
-IMAGENET_URLS = {
-    'resnet18': 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
-    'resnet34': 'https://download.pytorch.org/models/resnet34-b627a593.pth',
-    'resnet50': 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
-    'resnet101': 'https://download.pytorch.org/models/resnet101-63fe2227.pth',
-    'vgg11': 'https://download.pytorch.org/models/vgg11-8a719046.pth',
-    'vgg11_bn': 'https://download.pytorch.org/models/vgg11_bn-6002323d.pth',
-    'vgg13': 'https://download.pytorch.org/models/vgg13-19584684.pth',
-    'vgg13_bn': 'https://download.pytorch.org/models/vgg13_bn-abd245e5.pth',
-    'vgg16': 'https://download.pytorch.org/models/vgg16-397923af.pth',
-    'vgg16_bn': 'https://download.pytorch.org/models/vgg16_bn-6c64b313.pth',
-    'vgg19': 'https://download.pytorch.org/models/vgg19-dcbb9e9d.pth',
-    'vgg19_bn': 'https://download.pytorch.org/models/vgg19_bn-c79401a0.pth',
-}
 DEFAULT_BASE_URL = 'https://download.pytorch.org/models/'
 BASE_URL_ENV = 'TL_JAX_WEIGHTS_BASE_URL'
+# torchvision's IMAGENET1K_V1 weights (the tutorial's `pretrained=True`), from each family's record.
+IMAGENET_URLS = {arch: DEFAULT_BASE_URL + filename for family in FAMILIES for arch, filename in family.archs.items()}
 
 # torch.hub.HASH_REGEX: 'resnet18-f37072fd.pth' -> 'f37072fd'.
 _HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')

@@ -1,9 +1,10 @@
 """Flax modules that compute what torchvision's models compute, and what each arch's stages are.
 
-Per-arch knowledge lives here: which architectures exist (`ARCHS`), how to build one
-(`create_model`), which top-level module is the replaceable head (`head_name`), and which
-stage every top-level module belongs to (`stage_of`, `stage_tree`), so the optimizer can
-freeze by stage without knowing any architecture.
+Per-arch knowledge lives in each family's file (its `FAMILY` record, see `family.py`), registered
+once in `registry.py`; the functions here answer for any arch from it: which architectures exist
+(`ARCHS`), how to build one (`create_model`), which top-level module is the replaceable head
+(`head_name`), and which stage every top-level module belongs to (`stage_of`, `stage_tree`), so
+the optimizer can freeze by stage without knowing any architecture.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models import resnet, vgg
-from tl_jax.models.backbone import Backbone, TransferModel, model_class, num_features
+from tl_jax.models.backbone import Backbone, TransferModel, num_features
+from tl_jax.models.family import HEAD
 from tl_jax.models.layers import BatchNorm
+from tl_jax.models.registry import ARCHS, FAMILIES, family_of
 from tl_jax.models.resnet import ResNet
 from tl_jax.models.vgg import VGG
 
-# Every supported architecture name (the config validates `arch` against it).
-ARCHS: tuple[str, ...] = tuple(resnet.ARCHS) + tuple(vgg.ARCHS)
-STAGES = resnet.STAGES   # ResNet's, kept for existing callers; see arch_stages for any arch
-HEAD = 'head'
 
 # Stage groups a strategy may name besides single stages.
 FEATURES = 'features'
@@ -32,21 +30,13 @@ FEATURES = 'features'
 def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optional[bool] = None) -> nn.Module:
   """torchvision's `arch` (one of ARCHS) with a `num_classes`-way last layer.
 
-  ResNet options (see resnet.create_model): `dtype`, the compute dtype of convolutions and
-  matmuls (e.g. jnp.bfloat16; None: float32); `fast_backward`, XLA:CPU-friendly conv
-  gradients (None: the ResNets' default, on).
+  Options a family has (the ResNets: `dtype`, the compute dtype of convolutions and matmuls,
+  e.g. jnp.bfloat16, None: float32; `fast_backward`, XLA:CPU-friendly conv gradients, None:
+  the family's default) are refused by the others with a clear message.
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  if arch in resnet.ARCHS:
-    return resnet.create_model(arch, num_classes, dtype=dtype,
-                               fast_backward=True if fast_backward is None else fast_backward)
-  if dtype is not None:
-    raise ValueError(f'--dtype {jnp.dtype(dtype).name} is built for the ResNets; {arch} computes in float32 '
-                     '(leave --dtype out)')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
-  return model_class(arch)(arch=arch, num_classes=num_classes)
+  return family_of(arch).create(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 224) -> dict:
@@ -61,42 +51,31 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 224) -> d
 
 def head_name(arch: str) -> str:
   """The top-level module a new task replaces: ResNet's `fc`, VGG's `classifier_6` (classifier[-1])."""
-  model_class(arch)
-  return 'fc' if arch in resnet.ARCHS else vgg.HEAD
+  return family_of(arch).head
 
 
 def arch_stages(arch: str) -> tuple[str, ...]:
   """Stages of `arch` from input to output, the head last."""
-  model_class(arch)
-  return (resnet.STAGES if arch in resnet.ARCHS else vgg.STAGES) + (HEAD,)
+  return family_of(arch).stages + (HEAD,)
 
 
 def head_stages(arch: str) -> tuple[str, ...]:
   """Stages of `arch` computed after `features` (by `from_features`): ResNet's head; VGG's classifier and head."""
-  model_class(arch)
-  return (HEAD,) if arch in resnet.ARCHS else ('classifier', HEAD)
+  return family_of(arch).head_stages
 
 
 def features_have_batch_norm(arch: str) -> bool:
   """Whether `features` holds BatchNorm layers (every ResNet, the VGG *_bn variants)."""
-  model_class(arch)
-  return arch in resnet.ARCHS or vgg.ARCHS[arch].batch_norm
+  return family_of(arch).features_have_batch_norm(arch)
 
 
 def stage_of(module_name: str) -> str:
-  """Stage of a top-level module of a ResNet or VGG.
-
-  ResNet: conv1/bn1 -> 'stem', layer3_1 -> 'layer3', fc -> 'head'.
-  VGG: block5_conv2 / block5_bn2 -> 'block5', classifier_0/_3 -> 'classifier', classifier_6 -> 'head'.
-  """
-  if module_name in ('conv1', 'bn1'):
-    return 'stem'
-  if module_name in ('fc', vgg.HEAD):
-    return HEAD
-  if module_name.startswith('layer') or module_name.startswith('block'):
-    return module_name.split('_')[0]
-  if module_name.startswith('classifier_'):
-    return 'classifier'
+  """Stage of a top-level module of any family's model, e.g. ResNet's layer3_1 -> 'layer3',
+  VGG's classifier_6 -> 'head' (each family's `stage_of`)."""
+  for family in FAMILIES:
+    stage = family.stage_of(module_name)
+    if stage is not None:
+      return stage
   raise ValueError(f'no stage known for module {module_name!r}')
 
 
@@ -133,11 +112,13 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
     backbone = tuple(s for s in stages if s != HEAD)
     head = (HEAD,) if HEAD in stages else ()
   groups = {s: (s,) for s in backbone + head}
-  groups[FEATURES] = tuple(s for s in backbone if s != 'classifier')
+  # What `features` computes: the backbone stages that no family computes after the pooled features.
+  after_features = {s for family in FAMILIES for s in family.head_stages}
+  groups[FEATURES] = tuple(s for s in backbone if s not in after_features)
   groups[HEAD] = head
   return groups
 
 
-__all__ = ['ARCHS', 'STAGES', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
-           'create_model', 'features_have_batch_norm', 'head_name', 'head_stages',
+__all__ = ['ARCHS', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
+           'create_model', 'family_of', 'features_have_batch_norm', 'head_name', 'head_stages',
            'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']

@@ -15,20 +15,12 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax
 
-from tl_jax.models import resnet, vgg
-
-
-def model_class(arch: str) -> type[nn.Module]:
-  if arch in resnet.ARCHS:
-    return resnet.ResNet
-  if arch in vgg.ARCHS:
-    return vgg.VGG
-  raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(list(resnet.ARCHS) + list(vgg.ARCHS))}')
+from tl_jax.models.registry import family_of
 
 
 def num_features(arch: str) -> int:
   """Width of the flattened features: 512 or 2048 for ResNets, 512*7*7 for VGGs."""
-  return resnet.ARCHS[arch].num_features if arch in resnet.ARCHS else vgg.NUM_FEATURES
+  return family_of(arch).num_features(arch)
 
 
 class Backbone(nn.Module):
@@ -38,7 +30,7 @@ class Backbone(nn.Module):
   def setup(self):
     # The full classifier with its head never called: the head has no parameters, and sharing
     # the scope keeps the classifier's parameter names (conv1, layer1_0, block1_conv1, ...).
-    self.net = model_class(self.arch)(arch=self.arch, num_classes=1)
+    self.net = family_of(self.arch).create(self.arch, 1)
     nn.share_scope(self, self.net)
 
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:

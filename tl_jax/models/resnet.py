@@ -2,8 +2,8 @@
 
 Every padding is written out as torch's: Flax's 'SAME' pads asymmetrically for even
 inputs with stride 2 and would shift every feature map by a pixel.
-Submodule names mirror torchvision's (`layer1_0` is `layer1.0`) so the weight
-conversion table in `tl_jax.convert` reads one to one.
+Submodule names mirror torchvision's (`layer1_0` is `layer1.0`) so the torch name table
+(`torch_name_table`) reads one to one. `FAMILY` registers the family (tl_jax.models.registry).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from tl_jax.models import fast_conv
+from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm, max_pool
 
 # torch's default init for conv weights (kaiming_normal_, fan_out, relu) as torchvision's ResNet uses.
@@ -189,7 +190,7 @@ class ResNet(nn.Module):
     return self.head(self.features(x_bhwc, train if bn_train is None else bn_train, mask_b))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: bool = True) -> ResNet:
+def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = True) -> ResNet:
   """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype` (None: float32).
 
   `fast_backward` (default True) computes conv gradients on XLA:CPU through exact rewrites that
@@ -202,8 +203,48 @@ def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: 
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return ResNet(arch=arch, num_classes=num_classes, dtype=dtype, fast_backward=fast_backward)
+  return ResNet(arch=arch, num_classes=num_classes, dtype=dtype,
+                fast_backward=True if fast_backward is None else fast_backward)
 
 
-def num_features(arch: str) -> int:
-  return ARCHS[arch].num_features
+def stage_of(module_name: str) -> Optional[str]:
+  """conv1/bn1 -> 'stem', layer3_1 -> 'layer3', fc -> 'head'; None for another family's name."""
+  if module_name in ('conv1', 'bn1'):
+    return 'stem'
+  if module_name == 'fc':
+    return HEAD
+  if module_name.startswith('layer') and module_name[5:6].isdigit():
+    return module_name.split('_')[0]
+  return None
+
+
+def torch_name_table(arch: str, include_head: bool = True) -> list[Entry]:
+  """Every tensor of torchvision's `arch`, in its state dict's order, with its place in Flax."""
+  spec = ARCHS[arch]
+  convs_per_block = 2 if spec.block == 'basic' else 3
+  table = conv_entries('conv1', ('conv1',)) + bn_entries('bn1', ('bn1',))
+  for stage, num_blocks in enumerate(spec.stage_sizes, start=1):
+    for index in range(num_blocks):
+      t, f = f'layer{stage}.{index}', f'layer{stage}_{index}'
+      for c in range(1, convs_per_block + 1):
+        table += conv_entries(f'{t}.conv{c}', (f, f'conv{c}')) + bn_entries(f'{t}.bn{c}', (f, f'bn{c}'))
+      if index == 0 and (stage > 1 or spec.block == 'bottleneck'):
+        table += conv_entries(f'{t}.downsample.0', (f, 'downsample_conv'))
+        table += bn_entries(f'{t}.downsample.1', (f, 'downsample_bn'))
+  if include_head:
+    table += linear_entries('fc', 'fc')
+  return table
+
+
+FAMILY = Family(
+    name='resnet',
+    archs={'resnet18': 'resnet18-f37072fd.pth', 'resnet34': 'resnet34-b627a593.pth',
+           'resnet50': 'resnet50-0676ba61.pth', 'resnet101': 'resnet101-63fe2227.pth'},
+    create=create_model,
+    stages=STAGES,
+    head='fc', head_torch='fc', head_stages=(HEAD,),
+    stage_of=stage_of,
+    num_features=lambda arch: ARCHS[arch].num_features,
+    features_have_batch_norm=lambda arch: True,
+    name_table=torch_name_table,
+)

@@ -2,8 +2,9 @@
 
 Top-level modules carry their stage in their name so that freezing can name them:
 `block{b}_conv{i}` / `block{b}_bn{i}` are the convs (and BNs) between max-pool b-1 and b
-(torch's `features.N`, see `tl_jax.convert`), `classifier_0` / `classifier_3` the two
+(torch's `features.N`, see `torch_name_table`), `classifier_0` / `classifier_3` the two
 4096-wide Linear layers and `classifier_6` the last one (the head the material replaces).
+`FAMILY` registers the family (tl_jax.models.registry).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
 
@@ -142,3 +144,63 @@ class VGG(nn.Module):
     """Logits. `train` turns on dropout and (unless `bn_train` says otherwise) train-mode BatchNorm."""
     bn_train = train if bn_train is None else bn_train
     return self.head(self.features(x_bhwc, bn_train, mask_b), train)
+
+
+def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> VGG:
+  """VGG for `arch` (one of ARCHS) with a `num_classes`-way `classifier_6`; float32 only."""
+  if arch not in ARCHS:
+    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
+  if dtype is not None:
+    raise ValueError(f'--dtype {jnp.dtype(dtype).name} is built for the ResNets; {arch} computes in float32 '
+                     '(leave --dtype out)')
+  if fast_backward:
+    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  return VGG(arch=arch, num_classes=num_classes)
+
+
+def stage_of(module_name: str) -> Optional[str]:
+  """block5_conv2 / block5_bn2 -> 'block5', classifier_0/_3 -> 'classifier', classifier_6 -> 'head';
+  None for another family's name."""
+  if module_name == HEAD:
+    return HEAD_STAGE
+  if module_name.startswith('block') and module_name[5:6].isdigit():
+    return module_name.split('_')[0]
+  if module_name.startswith('classifier_'):
+    return 'classifier'
+  return None
+
+
+def torch_name_table(arch: str, include_head: bool = True) -> list[Entry]:
+  """torch's `features` is one Sequential: conv, [bn,] relu per conv and a max-pool per block."""
+  spec = ARCHS[arch]
+  table, index = [], 0
+  for b, widths in enumerate(spec.blocks, start=1):
+    for i in range(1, len(widths) + 1):
+      table += conv_entries(f'features.{index}', (f'block{b}_conv{i}',), bias=True)
+      index += 1
+      if spec.batch_norm:
+        table += bn_entries(f'features.{index}', (f'block{b}_bn{i}',))
+        index += 1
+      index += 1   # ReLU
+    index += 1     # MaxPool2d
+  # classifier: 0 Linear, 1 ReLU, 2 Dropout, 3 Linear, 4 ReLU, 5 Dropout, 6 Linear (the head).
+  table += linear_entries('classifier.0', 'classifier_0') + linear_entries('classifier.3', 'classifier_3')
+  if include_head:
+    table += linear_entries('classifier.6', HEAD)
+  return table
+
+
+FAMILY = Family(
+    name='vgg',
+    archs={'vgg11': 'vgg11-8a719046.pth', 'vgg11_bn': 'vgg11_bn-6002323d.pth',
+           'vgg13': 'vgg13-19584684.pth', 'vgg13_bn': 'vgg13_bn-abd245e5.pth',
+           'vgg16': 'vgg16-397923af.pth', 'vgg16_bn': 'vgg16_bn-6c64b313.pth',
+           'vgg19': 'vgg19-dcbb9e9d.pth', 'vgg19_bn': 'vgg19_bn-c79401a0.pth'},
+    create=create_model,
+    stages=STAGES,
+    head=HEAD, head_torch='classifier.6', head_stages=('classifier', HEAD_STAGE),
+    stage_of=stage_of,
+    num_features=lambda arch: NUM_FEATURES,
+    features_have_batch_norm=lambda arch: ARCHS[arch].batch_norm,
+    name_table=torch_name_table,
+)

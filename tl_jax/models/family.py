@@ -1,0 +1,76 @@
+"""What tl_jax knows of a model family, in one record each family file fills in and registers once
+(`tl_jax.models.registry`): its Flax module, its archs, its stages for freezing, its head, its
+feature width, its torch name table and its torchvision weight files.
+
+The torch name table lists every tensor of torchvision's state dict with where it lives in the
+Flax variables and how it is laid out (`Entry.kind`); `tl_jax.convert` applies it both ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Optional
+
+import flax.linen as nn
+
+HEAD = 'head'   # the stage of the replaceable last layer, in every family
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  torch_name: str            # e.g. 'layer1.0.bn1.running_var'
+  collection: str            # 'params' | 'batch_stats'
+  path: tuple[str, ...]      # e.g. ('layer1_0', 'bn1', 'var')
+  kind: str                  # 'conv' (OIHW <-> HWIO) | 'linear_w' (transposed) | 'copy'
+
+
+def conv_entries(torch_prefix: str, flax_path: tuple[str, ...], bias: bool = False) -> list[Entry]:
+  entries = [Entry(f'{torch_prefix}.weight', 'params', flax_path + ('kernel',), 'conv')]
+  if bias:
+    entries.append(Entry(f'{torch_prefix}.bias', 'params', flax_path + ('bias',), 'copy'))
+  return entries
+
+
+def linear_entries(torch_prefix: str, flax_name: str) -> list[Entry]:
+  return [Entry(f'{torch_prefix}.weight', 'params', (flax_name, 'kernel'), 'linear_w'),
+          Entry(f'{torch_prefix}.bias', 'params', (flax_name, 'bias'), 'copy')]
+
+
+def bn_entries(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
+  return [
+      Entry(f'{torch_prefix}.weight', 'params', flax_path + ('scale',), 'copy'),
+      Entry(f'{torch_prefix}.bias', 'params', flax_path + ('bias',), 'copy'),
+      Entry(f'{torch_prefix}.running_mean', 'batch_stats', flax_path + ('mean',), 'copy'),
+      Entry(f'{torch_prefix}.running_var', 'batch_stats', flax_path + ('var',), 'copy'),
+  ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """One model family.
+
+  Attributes:
+    name: e.g. 'resnet'.
+    archs: arch name -> torchvision's IMAGENET1K_V1 file name (its SHA-256 prefix in the name).
+    create: (arch, num_classes, dtype, fast_backward) -> the Flax module; refuses options the
+      family does not have.
+    stages: the backbone's stages for freezing, input to output (the head not included).
+    head: the top-level module the head swap replaces (torch's `fc`, `classifier[-1]`, ...).
+    head_torch: its torch name, e.g. 'fc' or 'classifier.6'.
+    head_stages: the stages `from_features` computes from the pooled features, HEAD last.
+    stage_of: top-level module name -> stage, or None when the name is not this family's.
+    num_features: arch -> width of the pooled, flattened features.
+    features_have_batch_norm: arch -> whether the backbone holds BatchNorm layers.
+    name_table: (arch, include_head) -> every tensor of torchvision's state dict as Entries.
+  """
+  name: str
+  archs: Mapping[str, str]
+  create: Callable[..., nn.Module]
+  stages: tuple[str, ...]
+  head: str
+  head_torch: str
+  head_stages: tuple[str, ...]
+  stage_of: Callable[[str], Optional[str]]
+  num_features: Callable[[str], int]
+  features_have_batch_norm: Callable[[str], bool]
+  name_table: Callable[[str, bool], list[Entry]]
