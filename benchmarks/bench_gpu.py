@@ -10,12 +10,12 @@ The batch lives on the devices already: this is the step alone, not the input pi
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ is not installed
+
+from benchmarks import write_json  # noqa: E402
 
 
 def main() -> int:
@@ -53,8 +53,7 @@ def main() -> int:
           f"{r['images_per_second_median']:>9.1f} {r['compile_seconds']:>9.1f}  {r['device_kind']} "
           f"({r['arch']}, {r['image_size']}px, {r['strategy']})")
   if args.json:
-    Path(args.json).write_text(json.dumps(rows, indent=2))
-    print(f'wrote {os.path.abspath(args.json)}')
+    write_json(args.json, rows)
   return 0
 
 

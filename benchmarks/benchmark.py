@@ -8,12 +8,12 @@
 """
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ is not installed
+
+from benchmarks import write_json  # noqa: E402
 
 from tl_jax import cli  # noqa: E402
 
@@ -63,8 +63,7 @@ def main() -> int:
                          log=lambda m: print(m, file=sys.stderr))
   print(format_report(report))
   if args.json:
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f'wrote {os.path.abspath(args.json)}')
+    write_json(args.json, report)
   return 0
 
 
