@@ -37,7 +37,8 @@ class TwoHeads(nn.Module):
     return {'label': nn.Dense(3, name='label')(features_bd), 'box': nn.Dense(4, name='box')(features_bd)}
 
 
-@pytest.mark.parametrize('arch, size', [('resnet18', 64), ('resnet101', 64), ('vgg11_bn', 64)])
+@pytest.mark.parametrize('arch, size', [('resnet18', 64), pytest.param('resnet101', 64, marks=pytest.mark.slow),
+                                        pytest.param('vgg11_bn', 64, marks=pytest.mark.slow)])
 def test_backbone_features_equal_torchs_children_but_the_last(arch, size):
   """ResNet: nn.Sequential(*children()[:-1]) flattened; VGG: features + avgpool flattened."""
   torch = pytest.importorskip('torch')
@@ -48,20 +49,21 @@ def test_backbone_features_equal_torchs_children_but_the_last(arch, size):
     ref = torch.flatten(base(torch.from_numpy(x)), 1).numpy()
   model = TransferModel(arch, BoxHead())
   variables = init_transfer_variables(model, jax.random.PRNGKey(0), state_dict_numpy(tmodel))
-  features = model.apply(variables, jnp.asarray(nchw_to_nhwc(x)), method='features')
+  features = jax.jit(lambda v, x: model.apply(v, x, method='features'))(variables, jnp.asarray(nchw_to_nhwc(x)))
   assert features.shape == ref.shape == (2, num_features(arch))
   assert within(rel_err(features, ref), 'activation_rel', f'backbone features {arch} (rel)')
   # The standalone Backbone has the classifier's own names, the head aside.
-  alone = Backbone(arch).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))['params']
+  alone = jax.eval_shape(lambda: Backbone(arch).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))['params']
   assert jax.tree_util.tree_structure(alone) == jax.tree_util.tree_structure(variables['params']['backbone'])
 
 
+@pytest.mark.slow
 def test_heads_are_fresh_and_a_wrong_base_is_refused():
   torch = pytest.importorskip('torch')
   del torch
   model = TransferModel('resnet18', TwoHeads())
   variables = init_transfer_variables(model, jax.random.PRNGKey(0), image_size=32)
-  out = model.apply(variables, jnp.zeros((2, 32, 32, 3)))
+  out = jax.eval_shape(model.apply, variables, jnp.zeros((2, 32, 32, 3)))
   assert out['label'].shape == (2, 3) and out['box'].shape == (2, 4)
   with pytest.raises(ConversionError, match='pass --arch resnet34'):
     init_transfer_variables(model, jax.random.PRNGKey(0), state_dict_numpy(random_torchvision_model('resnet34', 2)))
@@ -114,6 +116,7 @@ def _boxes(n, size, seed):
   return images, boxes
 
 
+@pytest.mark.slow
 def test_box_regression_with_a_resnet18_base_beats_the_mean_box():
   """The material's localisation case, through the library's own train_step with the MSE loss."""
   size, batch, steps = 32, 16, 120

@@ -107,6 +107,7 @@ def test_grain_workers_yield_the_loader_batches_epoch_after_epoch(tmp_path, monk
     pipeline.close()
 
 
+@pytest.mark.slow
 def test_script_prints_a_row_per_case_and_framework(tmp_path):
   pytest.importorskip('torchvision')
   root = _folder(tmp_path / 'data', per_class=2, size=(24, 20))

@@ -75,6 +75,7 @@ def test_script_refuses_bad_flags():
   assert proc.returncode == 2 and 'leave nothing to run' in proc.stderr
 
 
+@pytest.mark.slow
 def test_step_time_and_memory_reports_a_step_and_the_peak_rss():
   result = steps.step_time_and_memory('resnet18', batch_size=2, strategy='frozen', image_size=32, steps=1)
   assert result['step_seconds'] > 0 and result['compile_seconds'] > 0

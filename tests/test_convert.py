@@ -13,7 +13,8 @@ torch = pytest.importorskip('torch')
 torchvision = pytest.importorskip('torchvision')
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50'])
+@pytest.mark.parametrize('arch', ['resnet18', pytest.param('resnet34', marks=pytest.mark.slow),
+                                  pytest.param('resnet50', marks=pytest.mark.slow)])
 def test_round_trip_is_identical_and_loads_strictly(arch):
   tmodel = random_torchvision_model(arch, 5)
   sd = state_dict_numpy(tmodel)
@@ -96,7 +97,8 @@ def test_replace_head_keeps_backbone_and_draws_fc_like_nn_linear():
 VGG_ARCHS = ['vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn']
 
 
-@pytest.mark.parametrize('arch', VGG_ARCHS)
+@pytest.mark.parametrize('arch', [a if a == 'vgg11_bn' else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in VGG_ARCHS])
 def test_vgg_round_trip_is_identical_and_loads_strictly(arch):
   tmodel = random_torchvision_model(arch, 3)
   sd = state_dict_numpy(tmodel)
@@ -112,6 +114,7 @@ def test_vgg_round_trip_is_identical_and_loads_strictly(arch):
   assert guess_arch(sd) == arch and head_num_classes(sd) == 3
 
 
+@pytest.mark.slow
 def test_vgg_tree_matches_the_flax_model_and_the_head_is_replaced():
   sd = state_dict_numpy(random_torchvision_model('vgg11_bn', 1000))
   fresh = init_variables(create_model('vgg11_bn', 4), jax.random.PRNGKey(0), 32)
@@ -127,6 +130,7 @@ def test_vgg_tree_matches_the_flax_model_and_the_head_is_replaced():
   assert plain['batch_stats'] == {}
 
 
+@pytest.mark.slow
 def test_a_state_dict_of_the_other_vgg_family_names_the_right_arch():
   sd = state_dict_numpy(random_torchvision_model('vgg11_bn', 3))
   with pytest.raises(ConversionError) as info:

@@ -45,6 +45,7 @@ def torch_case(tmp_path_factory):
   return {'root': root, 'data': data, 'ckpt': root / 'ckpt', 'paths': paths, 'labels': labels, 'logits': logits}
 
 
+@pytest.mark.slow
 def test_evaluate_script_reports_torchvisions_accuracy_loss_and_confusion(torch_case):
   torch = pytest.importorskip('torch')
   sk = pytest.importorskip('sklearn.metrics')
@@ -81,6 +82,7 @@ def test_evaluate_script_reports_torchvisions_accuracy_loss_and_confusion(torch_
   _check_png(out_dir / 'confusion.png')
 
 
+@pytest.mark.slow
 def test_evaluate_script_text_goes_to_the_run_directory(torch_case, tmp_path):
   run_dir = tmp_path / 'run'
   shutil.copytree(torch_case['ckpt'], run_dir / checkpoint.BEST_DIR / '3')
@@ -97,6 +99,7 @@ def test_evaluate_script_text_goes_to_the_run_directory(torch_case, tmp_path):
   _check_png(run_dir / 'confusion.png')
 
 
+@pytest.mark.slow
 def test_evaluate_script_bad_input_is_one_line_and_status_2(torch_case, tmp_path):
   data, ckpt = torch_case['data'], torch_case['ckpt']
   other = tmp_path / 'other'

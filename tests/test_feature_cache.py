@@ -81,6 +81,7 @@ def _assert_same_run(a, b, tol=1e-6):
     np.testing.assert_allclose(x, y, rtol=tol, atol=tol)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('deterministic_train', [False, True])
 def test_cached_features_train_the_head_exactly_like_the_backbone_every_epoch(tmp_path, deterministic_train):
   """ResNet-18, head only, bn: frozen: val features are cached (and train ones when the train
@@ -101,6 +102,7 @@ def test_cached_features_train_the_head_exactly_like_the_backbone_every_epoch(tm
   assert cached.history[-1]['train_loss'] != cached.history[0]['train_loss']
 
 
+@pytest.mark.slow
 def test_cached_features_keep_vgg_dropout_masks_and_the_classifier_stage(tmp_path):
   """The material's VGG recipe (features frozen; classifier and head learn, dropout on) on a
   plain VGG, whose base has no BatchNorm: both phases cached, the same run as uncached."""
@@ -114,6 +116,7 @@ def test_cached_features_keep_vgg_dropout_masks_and_the_classifier_stage(tmp_pat
   _assert_same_run(cached, uncached, tol=2e-6)
 
 
+@pytest.mark.slow
 def test_a_stage_with_a_learning_backbone_after_a_cached_one_sees_images_again(tmp_path):
   _small_folder(tmp_path / 'data', per_class=4, val_per_class=2)
   stages = [{'name': 'head', 'epochs': 1, 'trainable': ['head'], 'bn': 'frozen'},
@@ -125,6 +128,7 @@ def test_a_stage_with_a_learning_backbone_after_a_cached_one_sees_images_again(t
   _assert_same_run(result, uncached)
 
 
+@pytest.mark.slow
 def test_cached_features_of_uint8_batches_are_normalised_like_float_batches(tmp_path):
   """data.uint8_batches: the feature step normalises on the device as the train and eval steps do."""
   _small_folder(tmp_path / 'data', per_class=4, val_per_class=2)

@@ -85,6 +85,7 @@ def _jax_run(initial, spec, lr, strategy, images, labels):
 
 @pytest.mark.parametrize('strategy', ['frozen', 'finetune'])
 @pytest.mark.parametrize('case', list(OPTIMIZERS))
+@pytest.mark.slow
 def test_five_steps_match_torch_in_float64(data, case, strategy):
   images, labels, tmodel = data
   tmodel, initial = copy.deepcopy(tmodel), state_dict_numpy(tmodel)

@@ -84,6 +84,7 @@ def _rel(a, b) -> float:
 
 
 @pytest.mark.parametrize('config', ['frozen_train', 'frozen_frozen', 'finetune_frozen', 'finetune_train'])
+@pytest.mark.slow
 def test_four_devices_equal_one_device(runs, config):
   one, four = runs['one'], runs['four']
   assert np.array_equal(one[f'{config}_counts'], [4, 4, 4, 4, 3])  # the last batch is padded
@@ -97,6 +98,7 @@ def test_four_devices_equal_one_device(runs, config):
   assert four[f'{config}_train_compiles'] == 1
 
 
+@pytest.mark.slow
 def test_strategies_differ(runs):
   """The configurations really train different things (else equality above would prove little)."""
   one = runs['one']
@@ -106,6 +108,7 @@ def test_strategies_differ(runs):
   assert _rel(one['frozen_train_losses'], one['frozen_frozen_losses']) > 1e-8
 
 
+@pytest.mark.slow
 def test_eval_over_devices(runs):
   one, four = runs['one'], runs['four']
   assert within(_rel(four['eval'], one['eval']), 'parallel_rel_f64', '4 devices vs 1: eval sums (rel)')
@@ -113,6 +116,7 @@ def test_eval_over_devices(runs):
   assert four['eval_compiles'] == 1
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(runs):
   """2 processes x 2 devices, each feeding only its rows, against 1 process x 4 devices."""
   four, p0 = runs['four'], runs['p0']
@@ -126,6 +130,7 @@ def test_two_processes_equal_one_process(runs):
   assert p0['finetune_train_train_compiles'] == 1
 
 
+@pytest.mark.slow
 def test_checkpoint_from_both_processes(runs):
   """orbax saves the replicated state from both processes and both restore it; a step from it agrees."""
   four = runs['four']
@@ -136,6 +141,7 @@ def test_checkpoint_from_both_processes(runs):
     assert runs[name]['restored_compiles'] == 1
 
 
+@pytest.mark.slow
 def test_dying_process_stops_the_other(tmp_path):
   port = _free_port()
   common = ['--devices', '1', '--coordinator', f'127.0.0.1:{port}', '--num-processes', '2']
@@ -193,6 +199,7 @@ def test_unreachable_coordinator_is_one_line_after_a_bounded_wait():
   assert isinstance(info.value, ValueError)  # scripts print it as one `error:` line (tl_jax.cli)
 
 
+@pytest.mark.slow
 def test_bench_gpu_script_smoke(tmp_path):
   """benchmarks/bench_gpu.py runs on CPU with a tiny batch, over 1 and 2 forced devices."""
   out = tmp_path / 'step.json'
@@ -258,6 +265,7 @@ def _history(workdir):
   return json.loads((Path(workdir) / 'history.json').read_text())
 
 
+@pytest.mark.slow
 def test_train_script_on_four_devices_and_on_two_processes_equals_one_device(tmp_path):
   """A float32 epoch on the real data: 1 device, 4 devices, 2 processes x 2 devices (BN over the global batch)."""
   from helpers import require_data
@@ -284,6 +292,7 @@ def test_train_script_on_four_devices_and_on_two_processes_equals_one_device(tmp
   assert 'Epoch 0/0' in results[2][1] and 'Epoch 0/0' not in results[3][1]
 
 
+@pytest.mark.slow
 def test_two_processes_resume_after_both_are_killed(tmp_path):
   """Both processes of a run killed after epoch 0, resumed with --resume: the uninterrupted run's numbers."""
   from helpers import require_data

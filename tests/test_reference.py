@@ -94,6 +94,7 @@ def test_optimizer_holds_fc_only_when_frozen():
 
 
 
+@pytest.mark.slow
 def test_the_benchmarks_spawned_child_forks_its_dataloader_workers(tmp_path):
   # The benchmark starts the reference with `spawn`, which becomes the child's own default start
   # method; the tutorial's workers must still be forked, as they are when it runs on Linux.

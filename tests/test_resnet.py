@@ -54,6 +54,7 @@ def test_eval_logits_and_stage_activations(arch):
   assert rel_err(model.apply(variables, jnp.asarray(nchw_to_nhwc(x))), logits_ref) <= TOL['logits_rel']
 
 
+@pytest.mark.slow
 def test_bottleneck_resnet50_eval_logits():
   tmodel, model, variables = _pair('resnet50')
   tmodel.eval()
@@ -137,7 +138,7 @@ def test_cross_entropy_gradients_match_torch(arch):
     logp = jax.nn.log_softmax(logits)
     return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], axis=1))
 
-  loss, grads = jax.value_and_grad(loss_fn)(variables['params'])
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(variables['params'])
   assert within(abs(float(loss) - loss_ref.item()), 'train_loss_abs', f'train-mode CE loss {arch} (abs)')
 
   grads_torch_layout = flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
@@ -152,6 +153,7 @@ def test_cross_entropy_gradients_match_torch(arch):
 
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet34'])
+@pytest.mark.slow
 def test_cross_entropy_gradients_match_torch_in_float64(arch):
   """Float64 in both frameworks: only an algorithmic difference could show.
 
@@ -201,6 +203,7 @@ def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(updates)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_bfloat16_training_lowers_the_loss():
   import functools
 
@@ -232,6 +235,7 @@ def test_fast_weight_gradients_keep_names_and_shapes():
   assert shapes[0] == shapes[1]
 
 
+@pytest.mark.slow
 def test_fast_backward_gradients_equal_the_plain_ones_in_float64(monkeypatch):
   from tl_jax.models import fast_conv, resnet
   calls = []

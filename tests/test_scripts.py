@@ -57,17 +57,20 @@ def make_folder(root: Path, per_class: int = 4, val_per_class: int = 2, size=(96
   return root
 
 
-def test_convert_predict_and_back_match_torchvision(tmp_path):
+def test_convert_predict_and_back_match_torchvision(tmp_path, capsys):
+  """`tl-jax convert` and `tl-jax predict` in this process (the scripts are shims over them)."""
   torch = pytest.importorskip('torch')
   torchvision = pytest.importorskip('torchvision')
   tmodel = random_torchvision_model('resnet18', 3).eval()
   src = tmp_path / 'resnet18.pth'
   torch.save(tmodel.state_dict(), src)
 
-  run_script('convert_weights.py', '--from-torch', src, '--out', tmp_path / 'ckpt', '--class-names', 'a,b,c')
+  assert run_main('convert', '--from-torch', src, '--out', tmp_path / 'ckpt', '--class-names', 'a,b,c',
+                  capsys=capsys)[0] == 0
   images = sample_images()
-  out = run_script('predict.py', '--checkpoint', tmp_path / 'ckpt', '--json', *images)
-  results = json.loads(out.stdout)
+  code, out, _ = run_main('predict', '--checkpoint', tmp_path / 'ckpt', '--json', *images, capsys=capsys)
+  assert code == 0
+  results = json.loads(out)
 
   import torchvision.transforms as T
   tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
@@ -82,7 +85,7 @@ def test_convert_predict_and_back_match_torchvision(tmp_path):
     assert r['class_name'] == 'abc'[r['class_index']]
     np.testing.assert_allclose(sum(r['probs']), 1.0, rtol=1e-5)
 
-  run_script('convert_weights.py', '--to-torch', tmp_path / 'ckpt', '--out', tmp_path / 'back.pth')
+  assert run_main('convert', '--to-torch', tmp_path / 'ckpt', '--out', tmp_path / 'back.pth', capsys=capsys)[0] == 0
   back = torch.load(tmp_path / 'back.pth', weights_only=True)
   fresh = torchvision.models.resnet18(num_classes=3)
   fresh.load_state_dict(back, strict=True)
@@ -91,6 +94,7 @@ def test_convert_predict_and_back_match_torchvision(tmp_path):
       assert torch.equal(back[name], tensor), name
 
 
+@pytest.mark.slow
 def test_predict_reports_unreadable_image_and_still_predicts_the_rest(tmp_path):
   torch = pytest.importorskip('torch')
   src = tmp_path / 'w.pth'
@@ -107,6 +111,7 @@ def test_predict_reports_unreadable_image_and_still_predicts_the_rest(tmp_path):
   assert 'broken.jpg' in proc.stderr and 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_convert_rejects_wrong_arch_and_non_state_dict(tmp_path):
   torch = pytest.importorskip('torch')
   src = tmp_path / 'r34.pth'
@@ -121,6 +126,7 @@ def test_convert_rejects_wrong_arch_and_non_state_dict(tmp_path):
   assert not (tmp_path / 'x').exists() and not (tmp_path / 'y').exists()
 
 
+@pytest.mark.slow
 def test_train_writes_artifacts_and_predict_loads_the_best_checkpoint(tmp_path):
   data = make_folder(tmp_path / 'data')
   workdir = tmp_path / 'run'
@@ -227,6 +233,7 @@ stages:
 """
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_in_the_second_stage_gives_the_uninterrupted_run(tmp_path):
   """A real process killed with SIGKILL in stage 2, resumed: same metrics as a run never stopped.
 
@@ -278,6 +285,7 @@ def test_resume_after_a_kill_in_the_second_stage_gives_the_uninterrupted_run(tmp
       assert a[key] == pytest.approx(b[key], rel=1e-5), (a['epoch'], key)
 
 
+@pytest.mark.slow
 def test_unreadable_training_image_stops_the_run_unless_skipped(tmp_path):
   data = make_folder(tmp_path / 'data')
   good = (data / 'train' / 'ants' / 'ants_0.jpg').read_bytes()

@@ -329,6 +329,7 @@ def test_set_is_read_by_a_process_that_cannot_import_its_builder(prepared, tmp_p
     np.testing.assert_array_equal(np.asarray(out['pixels'], np.uint8), first_val)
 
 
+@pytest.mark.slow
 def test_train_script_on_a_tfds_set_then_predict(prepared, tmp_path):
   """scripts/train.py --data tfds:NAME in a process that cannot import the builder; predict on the result."""
   folder, data_dir = prepared

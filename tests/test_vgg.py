@@ -43,14 +43,17 @@ def test_adaptive_avg_pool_uses_torchs_bins():
     np.testing.assert_allclose(ours, nchw_to_nhwc(ref), rtol=1e-6, atol=1e-6, err_msg=f'{h}x{w}')
 
 
-@pytest.mark.parametrize('arch', ['vgg11', 'vgg11_bn', 'vgg16'])
-def test_eval_logits_at_224_and_at_sizes_that_do_not_give_7x7(arch):
+@pytest.mark.parametrize('arch, sizes', [pytest.param('vgg11', (224, 192, 96), marks=pytest.mark.slow),
+                                         ('vgg11_bn', (96,)),
+                                         pytest.param('vgg11_bn', (224, 192), marks=pytest.mark.slow),
+                                         pytest.param('vgg16', (224, 192, 96), marks=pytest.mark.slow)])
+def test_eval_logits_at_224_and_at_sizes_that_do_not_give_7x7(arch, sizes):
   """224 px gives a 7x7 map; 192 px 6x6 and 96 px 3x3 go through the overlapping adaptive bins."""
   tmodel = random_torchvision_model(arch, NUM_CLASSES).eval()
   model = create_model(arch, NUM_CLASSES)
   variables = torch_to_flax(state_dict_numpy(tmodel), arch)
   forward = jax.jit(lambda v, x: model.apply(v, x))
-  for size in (224, 192, 96):
+  for size in sizes:
     x = _images(1 if arch == 'vgg16' else 2, size)
     with torch.no_grad():
       ref = tmodel(torch.from_numpy(x)).numpy()
@@ -61,6 +64,7 @@ def test_eval_logits_at_224_and_at_sizes_that_do_not_give_7x7(arch):
                                 forward(variables, jnp.asarray(nchw_to_nhwc(x))))
 
 
+@pytest.mark.slow
 def test_train_mode_forward_updates_running_stats_like_torch():
   arch = 'vgg11_bn'
   tmodel = _no_dropout(random_torchvision_model(arch, NUM_CLASSES)).train()
@@ -105,6 +109,7 @@ def _worst(grads, grads_ref):
   return max((_grad_err(grads, grads_ref, k), k) for k, v in grads_ref.items() if v is not None)
 
 
+@pytest.mark.slow
 def test_cross_entropy_gradients_match_torch_in_float64():
   arch = 'vgg11_bn'
   tmodel = _no_dropout(random_torchvision_model(arch, NUM_CLASSES)).double().train()
@@ -219,6 +224,7 @@ def _branch_differences(taken, reference, pre64):
   return flips, worst
 
 
+@pytest.mark.slow
 def test_cross_entropy_gradients_in_float32_are_as_accurate_as_torchs():
   """Float32 gradients of vgg11_bn (train-mode BN, batch 4) against torch's float64 ones, ours held
   to torch float32's own accuracy. The gradient jumps at every ReLU kink and max-pool tie: a value
@@ -251,6 +257,7 @@ def test_cross_entropy_gradients_in_float32_are_as_accurate_as_torchs():
 
 
 @pytest.mark.parametrize('strategy', ['frozen', 'finetune'])
+@pytest.mark.slow
 def test_five_sgd_steps_match_pytorch_in_float64(strategy):
   """vgg11_bn, dropout p=0, train-mode BN, SGD(0.001, 0.9): 'frozen' trains classifier[6] only."""
   arch, batch, steps, lr = 'vgg11_bn', 4, 5, 0.001
@@ -320,6 +327,7 @@ def test_dropout_keeps_half_scales_by_two_and_is_off_in_eval():
   np.testing.assert_array_equal(off, h)
 
 
+@pytest.mark.slow
 def test_train_step_draws_new_dropout_masks_each_step_and_reproducibly():
   """Same state -> same masks; the next step -> other masks (lr 0 keeps the weights equal)."""
   model = create_model('vgg11', 2)
@@ -353,6 +361,7 @@ def test_stages_name_blocks_classifier_and_head():
     optim.trainable_mask(params, ['layer4'])
 
 
+@pytest.mark.slow
 def test_vgg_checkpoint_converts_predicts_and_exports_back(tmp_path):
   """A plain VGG (no batch_stats at all) through the file-level tools used by the scripts."""
   from PIL import Image
