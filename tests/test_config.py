@@ -132,7 +132,10 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     ('stages: [{name: s, epochs: 1, optimizer: {name: sgd, lr: -1}}]\n', r'stages\[0\]\.optimizer\.lr .*\(got -1'),
     ('stages: [{name: s, epochs: 1, optimizer: {name: adam, betas: [0.9, 1.5]}}]\n',
      r'stages\[0\]\.optimizer\.betas\[1\] in .*less than 1 \(got 1\.5\)'),
-    ('stages: [{name: s, epochs: 1, optimizer: {name: sgd, nesterov: true}}]\n', r'nesterov needs momentum > 0'),
+    ('stages: [{name: s, epochs: 1, optimizer: {name: sgd, nesterov: true}}]\n',
+     r'stages\[0\] in .*c\.yaml: optimizer sgd: momentum must be > 0 with nesterov=True, got 0\.0'),
+    ('stages: [{name: s, epochs: 1, schedule: {name: multistep, milestones: [5, 3]}}]\n',
+     r'stages\[0\] in .*c\.yaml: schedule multistep: milestones must be increasing epochs >= 1, got \[5, 3\]'),
     ('stages: [{name: s, epochs: 1, schedule: {name: cyclic}}]\n',
      r"stages\[0\]\.schedule in .*unknown name 'cyclic'; expected tags: 'step', 'multistep', 'exponential', "
      r"'cosine', 'constant'"),
@@ -187,3 +190,12 @@ def test_load_recipe_takes_a_preset_or_a_file_with_overrides(tmp_path):
     config_lib.load_recipe(tmp_path / 'nothing.yaml')
   # The presets are package data: they live inside tl_jax, not beside a checkout.
   assert config_lib.preset_path('finetune').parent.parent == Path(config_lib.__file__).resolve().parent
+
+
+def test_the_schema_takes_torchs_defaults_and_rules_from_the_optimizer_table():
+  from tl_jax import optim
+  for cls, name in ((config_lib.SGD, 'sgd'), (config_lib.Adam, 'adam'), (config_lib.AdamW, 'adamw')):
+    assert cls(name=name).model_dump() == {'name': name, **optim.OPTIMIZERS[name]}, name
+  # One rule for the learning rate: torch's (>= 0), in the schema and in optim.resolve_optimizer alike.
+  assert validate(_one_stage(optimizer={'name': 'sgd', 'lr': 0.0})).stages[0].optimizer.lr == 0.0
+  assert optim.resolve_optimizer({'name': 'sgd', 'lr': 0.0})['lr'] == 0.0

@@ -26,6 +26,9 @@ import pydantic
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from tl_jax import optim
+
+
 class ConfigError(ValueError):
   """A config file or flag has a bad value."""
 
@@ -114,20 +117,20 @@ class DataConfig(_Strict):
 # ------------------------------------------------------------------------------ optimizers
 
 
+# Defaults are torch's, from one table (optim.OPTIMIZERS, tested against torch's signatures); the
+# rules that tie arguments together (nesterov, betas) are optim.resolve_optimizer's, which
+# Config runs on every stage.
+_SGD, _ADAM, _ADAMW = (optim.OPTIMIZERS[name] for name in ('sgd', 'adam', 'adamw'))
+
+
 class SGD(_Strict):
   """torch.optim.SGD's arguments and defaults."""
   name: Literal['sgd']
-  lr: Annotated[Float, Field(gt=0)] = 0.001
-  momentum: Annotated[Float, Field(ge=0, lt=1)] = 0.0
-  dampening: Annotated[Float, Field(ge=0, le=1)] = 0.0
-  nesterov: bool = False
-  weight_decay: NonNegative = 0.0
-
-  @pydantic.model_validator(mode='after')
-  def _nesterov(self):
-    if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
-      raise ValueError('nesterov needs momentum > 0 and dampening 0 (as torch.optim.SGD)')
-    return self
+  lr: NonNegative = _SGD['lr']
+  momentum: Annotated[Float, Field(ge=0, lt=1)] = _SGD['momentum']
+  dampening: Annotated[Float, Field(ge=0, le=1)] = _SGD['dampening']
+  nesterov: bool = _SGD['nesterov']
+  weight_decay: NonNegative = _SGD['weight_decay']
 
 
 Betas = Annotated[tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]],
@@ -137,17 +140,17 @@ Betas = Annotated[tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Fi
 class Adam(_Strict):
   """torch.optim.Adam's arguments and defaults (weight_decay is added to the gradient)."""
   name: Literal['adam']
-  lr: Annotated[Float, Field(gt=0)] = 0.001
-  betas: Betas = (0.9, 0.999)
-  eps: NonNegative = 1e-8
-  weight_decay: NonNegative = 0.0
-  amsgrad: bool = False
+  lr: NonNegative = _ADAM['lr']
+  betas: Betas = _ADAM['betas']
+  eps: NonNegative = _ADAM['eps']
+  weight_decay: NonNegative = _ADAM['weight_decay']
+  amsgrad: bool = _ADAM['amsgrad']
 
 
 class AdamW(Adam):
   """torch.optim.AdamW: Adam's arguments, with decoupled weight decay defaulting to 0.01."""
   name: Literal['adamw']
-  weight_decay: NonNegative = 0.01
+  weight_decay: NonNegative = _ADAMW['weight_decay']
 
 
 OptimizerConfig = Annotated[Union[SGD, Adam, AdamW], Field(discriminator='name')]
@@ -176,15 +179,8 @@ class StepSchedule(_Schedule):
 class MultiStepSchedule(_Schedule):
   """torch's MultiStepLR."""
   name: Literal['multistep']
-  milestones: list[PositiveInt]
+  milestones: list[PositiveInt]   # increasing: optim.resolve_schedule's rule
   gamma: Annotated[Float, Field(gt=0)] = 0.1
-
-  @pydantic.field_validator('milestones')
-  @classmethod
-  def _increasing(cls, milestones):
-    if list(milestones) != sorted(milestones):
-      raise ValueError(f'milestones must be increasing, got {milestones}')
-    return milestones
 
 
 class ExponentialSchedule(_Schedule):
@@ -249,7 +245,6 @@ class Config(_Strict):
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
       raise ValueError(f'stages: every stage needs its own name; repeated {duplicates}')
-    from tl_jax import optim
     for i, stage in enumerate(self.stages):
       # The optimizer's own checks (torch's rules), e.g. a warm-up longer than the stage.
       try:
