@@ -24,12 +24,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from tl_jax.data import augment
+from tl_jax.data import augment, transforms
 from tl_jax.data.folder import ImageFolder
 from tl_jax.data.loader import Loader
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+IMAGENET_MEAN, IMAGENET_STD = list(transforms.IMAGENET_MEAN), list(transforms.IMAGENET_STD)
 
 # The tutorial's training transforms.
 TUTORIAL = [

@@ -27,9 +27,10 @@ from torch.optim import lr_scheduler
 from torchvision import datasets, transforms
 
 from tl_jax.config import TutorialRecipe
+from tl_jax.data import transforms as tl_transforms
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# The tutorial writes them out; they are torchvision's ImageNet statistics, tl_jax's too.
+IMAGENET_MEAN, IMAGENET_STD = list(tl_transforms.IMAGENET_MEAN), list(tl_transforms.IMAGENET_STD)
 PHASES = ('train', 'val')
 
 

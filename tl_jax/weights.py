@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 
+from tl_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tl_jax.fetch import FetchError, fetch
 from tl_jax.models.registry import FAMILIES
 
@@ -33,8 +34,8 @@ class WeightsError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
   """The input pipeline the weights were trained with (torchvision's ImageClassification)."""
-  mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-  std: tuple[float, ...] = (0.229, 0.224, 0.225)
+  mean: tuple[float, ...] = IMAGENET_MEAN
+  std: tuple[float, ...] = IMAGENET_STD
   resize_size: int = 256
   crop_size: int = 224
   interpolation: str = 'bilinear'
