@@ -73,6 +73,7 @@ def test_class_count_mismatch_is_named():
   assert head_num_classes(sd) == 1000
 
 
+@pytest.mark.slow
 def test_replace_head_keeps_backbone_and_draws_fc_like_nn_linear():
   sd = state_dict_numpy(random_torchvision_model('resnet18', 1000))
   variables = torch_to_flax(sd, 'resnet18', include_head=False)

@@ -31,6 +31,7 @@ def test_nnx_module_gives_the_linen_logits(arch):
   np.testing.assert_allclose(_logits(nnx_model, images), _linen_logits(model, variables, images), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_a_transfer_model_with_its_own_head():
   model = TransferModel('resnet18', nn.Dense(4))
   variables = model.init(jax.random.PRNGKey(0), np.zeros((1, 32, 32, 3), np.float32), train=False)

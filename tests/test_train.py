@@ -316,6 +316,66 @@ def _small_config(tmp_path, stages, **data):
                    'stages': stages, 'seed': 0})
 
 
+class _Crash(Exception):
+  pass
+
+
+class _Recorder:
+  """A Callback: what was called, in order (epoch and stage level), and a crash after a given epoch."""
+
+  def __init__(self, crash_after_epoch=None):
+    self.calls, self.crash_after_epoch, self.steps = [], crash_after_epoch, 0
+
+  def on_run_start(self, run):
+    self.calls.append('run_start')
+
+  def on_stage_start(self, run, stage, state):
+    self.calls.append(f'stage_start {stage.name}')
+
+  def on_epoch_start(self, run, epoch):
+    self.calls.append(f'epoch_start {epoch}')
+
+  def on_step_start(self, run, phase, step):
+    pass
+
+  def on_step_end(self, run, phase, step, sums):
+    self.steps += phase == 'train'
+
+  def on_epoch_end(self, run, epoch, state, row):
+    self.calls.append(f'epoch_end {epoch}')
+    if epoch == self.crash_after_epoch:
+      raise _Crash(epoch)
+
+  def on_stage_end(self, run, stage, state):
+    self.calls.append(f'stage_end {stage.name}')
+
+  def on_run_end(self, run, result):
+    self.calls.append('run_end')
+
+
+def test_train_and_evaluate_calls_its_extension_points_and_resumes_after_a_crash_in_process(tmp_path):
+  """The real loop, head only on a generated 40x48 folder: a run that dies after epoch 0 and is resumed
+  ends with the uninterrupted run's numbers; callbacks hear every run, stage, epoch and step."""
+  from tl_jax.training import train_and_evaluate
+  config = _small_config(tmp_path, [{'name': 'head', 'epochs': 2, 'trainable': ['head'],
+                                     'optimizer': {'name': 'sgd', 'lr': 0.01, 'momentum': 0.9}}])
+  quiet = dict(progress=False, plots=False, report=False, log=lambda _: None)
+  straight = _Recorder()
+  expected = train_and_evaluate(config, tmp_path / 'straight', callbacks=[straight], **quiet)
+  assert straight.calls == ['run_start', 'stage_start head', 'epoch_start 0', 'epoch_end 0', 'epoch_start 1',
+                            'epoch_end 1', 'stage_end head', 'run_end']
+  assert straight.steps == 2 * 3   # 12 train images in batches of 4, two epochs
+  with pytest.raises(_Crash):
+    train_and_evaluate(config, tmp_path / 'crashed', callbacks=[_Recorder(crash_after_epoch=0)], **quiet)
+  resumed = _Recorder()
+  result = train_and_evaluate(config, tmp_path / 'crashed', resume=True, callbacks=[resumed], **quiet)
+  assert resumed.calls[:3] == ['run_start', 'stage_start head', 'epoch_start 1']
+  for ours, theirs in zip(result.history, expected.history):
+    for key in ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr'):
+      assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+
+
+@pytest.mark.slow
 def test_stages_run_in_order_with_fresh_optimizers_and_carry_weights_and_bn_stats(tmp_path):
   from tl_jax.training import loop, pipeline, stages
   config = _small_config(tmp_path, [

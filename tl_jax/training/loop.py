@@ -336,7 +336,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
       save_train_batch(run)
     hooks.on_stage_start(run, stage, state)
     for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
-      log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
+      run.log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
           '\n' + '-' * 10)
       hooks.on_epoch_start(run, epoch)
       state, row = run_epoch(stage, state, train_loader, val_loader, epoch, run.progress, feature_seconds,
