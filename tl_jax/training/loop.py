@@ -70,6 +70,7 @@ class Run:
   pipeline: Pipeline
   model: Any
   metadata: dict                    # of the best/ model checkpoints
+  examples: tuple[dict, dict]       # a train and a val batch: the shapes steps compile for
   log: Callable[[str], None]
   progress: bool
   main: bool                        # process 0: logs, writes history and figures
@@ -185,12 +186,9 @@ def setup_run(config: Config, workdir: str | Path, resume: bool, progress: bool,
       val_transforms=pipeline.transforms.val.to_spec(), config=config.to_dict())
   log(f'devices: {parallel.describe(mesh)}; batches of {config.data.batch_size} '
       f'({"uint8, normalised on the device" if pipeline.uint8 else "float32"}); compute {config.model.dtype}')
-  run = Run(config, run_dir, mesh, pipeline, model, metadata, log, progress, main)
+  examples = (next(iter(pipeline.train.epoch(0))).as_dict(), next(iter(pipeline.val.epoch(0))).as_dict())
+  run = Run(config, run_dir, mesh, pipeline, model, metadata, examples, log, progress, main)
   return run, {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
-
-
-def _example_batches(run: Run) -> tuple[dict, dict]:
-  return (next(iter(run.pipeline.train.epoch(0))).as_dict(), next(iter(run.pipeline.val.epoch(0))).as_dict())
 
 
 def resume_point(run: Run, variables: dict) -> tuple[dict, int, Any, int]:
@@ -205,7 +203,7 @@ def resume_point(run: Run, variables: dict) -> tuple[dict, int, Any, int]:
   saved_index, _ = config.stage_at(last)
   # The saved optimizer state has the structure of its own stage's optimizer.
   template, _ = setup_stage(config, saved_index, run.model, variables, len(run.pipeline.train),
-                            *_example_batches(run), mesh=run.mesh, compile_steps=False)
+                            *run.examples, mesh=run.mesh, compile_steps=False)
   restored = run.dir.restore_state(state_tree(template))
   run.history = meta['history']
   run.best_val_acc, run.best_epoch = meta['best_val_acc'], meta['best_epoch']
@@ -223,7 +221,7 @@ def start_stage(run: Run, index: int, variables: dict, opt_state: Any = None, st
   caching backbone features)."""
   config, pipeline = run.config, run.pipeline
   plan = feature_plan(config, index, pipeline.transforms.train.deterministic)
-  example_train, example_val = _example_batches(run)
+  example_train, example_val = run.examples
   # Feature width of the arch (VGG's adaptive pool makes it independent of the image size).
   num_features = models.num_features(config.model.arch)
   state, stage = setup_stage(
@@ -249,7 +247,7 @@ def save_train_batch(run: Run) -> None:
   """train_batch.png: the first train batch as the model sees it, de-normalised."""
   from tl_jax import plots as plot_lib
   transforms = run.pipeline.transforms
-  example_train, _ = _example_batches(run)
+  example_train, _ = run.examples
   images = example_train['images']
   images = transforms.train.finish_uint8(images) if run.pipeline.uint8 else images
   plot_lib.save_train_batch(images, example_train['labels'], run.class_names,
