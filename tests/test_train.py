@@ -411,6 +411,7 @@ def test_stages_run_in_order_with_fresh_optimizers_and_carry_weights_and_bn_stat
   assert len(compiled) == 2 and stage2.compile_seconds['train_step'] > 0
 
 
+@pytest.mark.slow
 def test_a_stage_equal_to_an_earlier_one_reuses_its_compiled_steps(tmp_path):
   from tl_jax.training import pipeline, stages
   same = {'trainable': ['layer4', 'head'], 'optimizer': {'name': 'sgd', 'lr': 0.01}}
