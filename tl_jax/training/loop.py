@@ -188,7 +188,7 @@ def setup_run(config: Config, workdir: str | Path, resume: bool, progress: bool,
       f'({"uint8, normalised on the device" if pipeline.uint8 else "float32"}); compute {config.model.dtype}')
   examples = (next(iter(pipeline.train.epoch(0))).as_dict(), next(iter(pipeline.val.epoch(0))).as_dict())
   run = Run(config, run_dir, mesh, pipeline, model, metadata, examples, log, progress, main)
-  return run, {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return run, variables   # initial_variables gives {'params', 'batch_stats'} ({} without BatchNorm)
 
 
 def resume_point(run: Run, variables: dict) -> tuple[dict, int, Any, int]:
@@ -262,7 +262,7 @@ def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict) -> None:
   run.log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}")
   if row['val_acc'] > run.best_val_acc:
     run.best_val_acc, run.best_epoch = row['val_acc'], epoch
-    run.dir.save_best(epoch, {'params': state.params, 'batch_stats': state.batch_stats},
+    run.dir.save_best(epoch, model_variables(state),
                       {**run.metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc']})
   run.dir.save_epoch(epoch, state_tree(state), {'config': config.to_dict(), 'history': run.history,
                                                 'best_val_acc': run.best_val_acc, 'best_epoch': run.best_epoch})
