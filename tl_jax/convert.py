@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tl_jax import models
-from tl_jax.models import ARCHS, FAMILIES, family_of, stage_of
+from tl_jax.models import ARCHS, FAMILIES, family_of
 from tl_jax.models.family import Entry
 
 
@@ -47,7 +47,7 @@ def name_table(arch: str, include_head: bool = True, base_only: bool = False) ->
     raise ConversionError(str(e)) from None
   table = family.name_table(arch, include_head and not base_only)
   if base_only:
-    return [e for e in table if stage_of(e.path[0]) not in family.head_stages]
+    return [e for e in table if family.stage_of(e.path[0]) not in family.head_stages]
   return table
 
 
@@ -220,13 +220,15 @@ def replace_head(variables: Mapping, fresh_variables: Mapping) -> dict:
 
 
 def init_transfer_variables(model: models.TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,
-                            image_size: int = 32) -> dict:
+                            image_size: Optional[int] = None) -> dict:
   """{'params', 'batch_stats'} of `model`: the backbone from `state_dict` (torchvision names, NumPy
   values; its classifier layers are ignored) or random, and the head fresh from its own init.
 
   Raises:
     ConversionError when `state_dict` does not fit `model.arch`'s base.
   """
+  if image_size is None:
+    image_size = family_of(model.arch).init_size(model.arch)
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   fresh = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
   params = dict(fresh['params'])

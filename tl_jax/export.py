@@ -44,7 +44,7 @@ def import_torch_weights(src: str | Path, out: str | Path, arch: Optional[str] =
   if num_classes is None:
     raise convert.ConversionError(f'{src} has no fc.weight or classifier.6.weight; it is not a torchvision '
                                   'classifier state dict')
-  reference = init_variables(create_model(arch, num_classes), _rng(), image_size=32)
+  reference = init_variables(create_model(arch, num_classes), _rng())
   variables = convert.torch_to_flax(state_dict, arch, reference=reference)
   if class_names is None and num_classes == 1000:
     class_names = imagenet_class_names()

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from tl_jax.models.backbone import Backbone, TransferModel, num_features
-from tl_jax.models.family import HEAD
+from tl_jax.models.family import HEAD, Family
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.registry import ARCHS, FAMILIES, family_of
 from tl_jax.models.resnet import ResNet
@@ -39,11 +39,14 @@ def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optiona
   return family_of(arch).create(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
 
 
-def init_variables(model: nn.Module, rng: jax.Array, image_size: int = 224) -> dict:
+def init_variables(model: nn.Module, rng: jax.Array, image_size: Optional[int] = None) -> dict:
   """Random {'params', 'batch_stats'} for `model` (torchvision's init distributions).
 
   'batch_stats' is {} for models without BatchNorm (VGG11..19 plain), so every caller can
-  treat both kinds alike."""
+  treat both kinds alike. `image_size` None: the smallest size the family's parameters allow
+  (its `init_size`), which is cheap and gives the same parameter shapes as any other."""
+  if image_size is None:
+    image_size = family_of(model.arch).init_size(model.arch)
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
@@ -69,14 +72,31 @@ def features_have_batch_norm(arch: str) -> bool:
   return family_of(arch).features_have_batch_norm(arch)
 
 
-def stage_of(module_name: str) -> str:
-  """Stage of a top-level module of any family's model, e.g. ResNet's layer3_1 -> 'layer3',
-  VGG's classifier_6 -> 'head' (each family's `stage_of`)."""
-  for family in FAMILIES:
-    stage = family.stage_of(module_name)
-    if stage is not None:
-      return stage
-  raise ValueError(f'no stage known for module {module_name!r}')
+def stage_of(module_name: str, arch: Optional[str] = None) -> str:
+  """Stage of a top-level module: ResNet's layer3_1 -> 'layer3', VGG's classifier_6 -> 'head'.
+
+  With `arch`, its family's `stage_of`; without, the one stage every family that knows the name
+  agrees on (names such as `classifier_3` mean different stages in different families)."""
+  families = (family_of(arch),) if arch is not None else FAMILIES
+  stages = {s for s in (f.stage_of(module_name) for f in families) if s is not None}
+  if len(stages) != 1:
+    what = 'no stage' if not stages else f'stages {sorted(stages)} (depending on the family)'
+    raise ValueError(f'{what} known for module {module_name!r}' + ('' if arch is None else f' of {arch}'))
+  return stages.pop()
+
+
+def family_of_names(names) -> Family:
+  """The family whose `stage_of` knows every top-level module name in `names` (the first such
+  family when several do and agree on every stage)."""
+  names = list(names)
+  candidates = [f for f in FAMILIES if all(f.stage_of(n) is not None for n in names)]
+  if not candidates:
+    raise ValueError(f'no model family has all of the top-level modules {sorted(names)}')
+  maps = {tuple(f.stage_of(n) for n in names) for f in candidates}
+  if len(maps) > 1:
+    raise ValueError(f'the top-level modules {sorted(names)} fit the families '
+                     f'{[f.name for f in candidates]}, which stage them differently')
+  return candidates[0]
 
 
 StageTree = Union[str, Mapping[str, 'StageTree']]
@@ -90,7 +110,8 @@ def stage_tree(params: Mapping) -> dict:
   user's head is a stage named after it (a head with no submodules is one stage, 'head').
   """
   if 'backbone' in params and 'head' in params and len(params) == 2:
-    backbone = {name: stage_of(name) for name in params['backbone']}
+    family = family_of_names(params['backbone'])
+    backbone = {name: family.stage_of(name) for name in params['backbone']}
     head = params['head']
     if all(isinstance(v, Mapping) for v in head.values()):
       clashes = sorted(set(head) & (set(backbone.values()) | {FEATURES}))
@@ -98,7 +119,8 @@ def stage_tree(params: Mapping) -> dict:
         raise ValueError(f'head submodules {clashes} share a name with a backbone stage; rename them')
       return {'backbone': backbone, 'head': {name: name for name in head}}
     return {'backbone': backbone, 'head': HEAD}
-  return {name: stage_of(name) for name in params}
+  family = family_of_names(params)
+  return {name: family.stage_of(name) for name in params}
 
 
 def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
@@ -120,5 +142,5 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
 
 
 __all__ = ['ARCHS', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
-           'create_model', 'family_of', 'features_have_batch_norm', 'head_name', 'head_stages',
+           'create_model', 'family_of', 'family_of_names', 'features_have_batch_norm', 'head_name', 'head_stages',
            'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']

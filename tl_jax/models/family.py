@@ -62,6 +62,20 @@ class Family:
     num_features: arch -> width of the pooled, flattened features.
     features_have_batch_norm: arch -> whether the backbone holds BatchNorm layers.
     name_table: (arch, include_head) -> every tensor of torchvision's state dict as Entries.
+    init_size: arch -> an input size (pixels) `init` accepts, small for speed; models whose
+      parameters depend on the size (ViT's position embedding) give their native size.
+    aux_loss_weights: arch -> the weight of each auxiliary output in the training loss
+      (torchvision's Inception v3: (0.4,), GoogLeNet: (0.3, 0.3)); () for most. A family with
+      auxiliary heads returns `(logits, (aux, ...))` from `__call__(..., with_aux=True)` in train mode.
+
+  The module every `create` returns has torchvision's computation split in two:
+    features(x_bhwc, train=False, mask_b=None) -> (B, num_features): pooled, flattened features;
+    from_features(features_bd, train=False) -> logits: everything after (dropout, classifier);
+    __call__(x_bhwc, train=False, mask_b=None, bn_train=None) -> logits, `bn_train` (default:
+      `train`) driving BatchNorm and `train` dropout / stochastic depth (the 'dropout' rng).
+  Inputs are NHWC, normalised; `mask_b` marks padded batch rows (0) that BatchNorm's batch
+  statistics leave out. Top-level module and parameter names are torchvision's with '.' -> '_'
+  and map to stages through `stage_of`.
   """
   name: str
   archs: Mapping[str, str]
@@ -74,3 +88,5 @@ class Family:
   num_features: Callable[[str], int]
   features_have_batch_norm: Callable[[str], bool]
   name_table: Callable[[str, bool], list[Entry]]
+  init_size: Callable[[str], int] = lambda arch: 32
+  aux_loss_weights: Callable[[str], tuple[float, ...]] = lambda arch: ()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from tl_jax.models import resnet, vgg
+from tl_jax.models import resnet
+from tl_jax.models import vgg
 from tl_jax.models.family import Family
 
 FAMILIES: tuple[Family, ...] = (

@@ -23,7 +23,7 @@ from tl_jax.training.steps import eval_step, train_step
 def initial_variables(arch: str, num_classes: int, seed: int, state_dict: Optional[Mapping] = None) -> dict:
   """Pretrained backbone (if `state_dict`) with a fresh `num_classes`-way head, as the tutorial does."""
   model = create_model(arch, num_classes)
-  fresh = init_variables(model, jax.random.PRNGKey(seed), image_size=32)
+  fresh = init_variables(model, jax.random.PRNGKey(seed))
   if state_dict is None:
     return fresh
   backbone = torch_to_flax(state_dict, arch, reference=fresh, include_head=False)
