@@ -17,7 +17,7 @@ LAYERS = (
     ('tl_jax.models',),                                 # Flax modules; nothing outside models/
     ('tl_jax.optim',),                                  # stage labels -> optax
     ('tl_jax.data',),                                   # files -> transforms -> loader -> caches
-    ('tl_jax.weights', 'tl_jax.convert'),               # torch files and name tables: models meet weights
+    ('tl_jax.weight_files', 'tl_jax.weights', 'tl_jax.convert'),               # torch files and name tables: models meet weights
     ('tl_jax.config',),                                 # the recipe schema: checks against all of the above
     ('tl_jax.checkpoint', 'tl_jax.parallel', 'tl_jax.rundir', 'tl_jax.feature_cache',
      'tl_jax.inference', 'tl_jax.export'),

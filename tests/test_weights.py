@@ -17,6 +17,8 @@ import pytest
 
 from tl_jax import weights
 from tl_jax.weights import Preprocessing, WeightsError
+from tl_jax.models import ARCHS
+from tl_jax.weight_files import DEFAULT_WEIGHTS, WEIGHT_FILES
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -120,20 +122,46 @@ def test_preprocessing_round_trip():
 
 
 def test_imagenet_urls_and_preprocessing_match_torchvision():
-  models = pytest.importorskip('torchvision.models')
-  enums = {'resnet18': models.ResNet18_Weights, 'resnet34': models.ResNet34_Weights,
-           'resnet50': models.ResNet50_Weights, 'resnet101': models.ResNet101_Weights,
-           **{arch: getattr(models, arch.upper() + '_Weights')
-              for arch in ('vgg11', 'vgg11_bn', 'vgg13', 'vgg13_bn', 'vgg16', 'vgg16_bn', 'vgg19', 'vgg19_bn')}}
-  assert sorted(enums) == sorted(weights.IMAGENET_URLS)
-  for arch, enum in enums.items():
-    assert weights.IMAGENET_URLS[arch] == enum.IMAGENET1K_V1.url, arch
-    transforms = enum.IMAGENET1K_V1.transforms()
-    assert tuple(transforms.mean) == Preprocessing().mean
-    assert tuple(transforms.std) == Preprocessing().std
-    assert transforms.resize_size == [Preprocessing().resize_size]
-    assert transforms.crop_size == [Preprocessing().crop_size]
-    assert transforms.interpolation.value == Preprocessing().interpolation
+  """`imagenet` is IMAGENET1K_V1 where torchvision has it, else DEFAULT; every enum's file and
+  transforms() parameters as torchvision's, for every registered arch."""
+  tv_models = pytest.importorskip('torchvision.models')
+  assert sorted(weights.IMAGENET_URLS) == sorted(ARCHS)
+  for arch in ARCHS:
+    enum = tv_models.get_model_weights(arch)
+    default = enum.IMAGENET1K_V1 if 'IMAGENET1K_V1' in enum.__members__ else enum.DEFAULT
+    assert weights.IMAGENET_URLS[arch] == default.url, arch
+    for name in [member.name for member in enum] + ['DEFAULT', 'imagenet']:
+      member = default if name == 'imagenet' else getattr(enum, name)
+      transforms = member.transforms()
+      assert weights.imagenet_url(arch, name=name) == member.url, (arch, name)
+      assert weights.preprocessing_of(arch, name) == Preprocessing(
+          mean=tuple(transforms.mean), std=tuple(transforms.std), resize_size=transforms.resize_size[0],
+          crop_size=transforms.crop_size[0], interpolation=transforms.interpolation.value), (arch, name)
+
+
+def test_the_weight_table_is_torchvisions_registry():
+  """Every classification model and weight enum torchvision lists, with its file, transforms and
+  (ViTs) the image size the weights fix."""
+  torchvision = pytest.importorskip('torchvision')
+  tv_models = torchvision.models
+  assert sorted(WEIGHT_FILES) == sorted(tv_models.list_models(module=tv_models))
+  for arch, files in WEIGHT_FILES.items():
+    enum = tv_models.get_model_weights(arch)
+    assert list(files) == [member.name for member in enum], arch
+    assert DEFAULT_WEIGHTS[arch] == enum.DEFAULT.name
+    for name, file in files.items():
+      member = getattr(enum, name)
+      transforms = member.transforms()
+      assert (file.filename, file.resize_size, file.crop_size, file.interpolation, file.mean, file.std) == (
+          member.url.rsplit('/', 1)[1], transforms.resize_size[0], transforms.crop_size[0],
+          transforms.interpolation.value, tuple(transforms.mean), tuple(transforms.std)), (arch, name)
+      assert file.image_size == (member.meta['min_size'][0] if arch.startswith('vit_') else None), (arch, name)
+
+
+def test_unknown_weight_name_lists_the_archs_weights():
+  with pytest.raises(WeightsError, match='no such weights for resnet18; its weights are IMAGENET1K_V1 '):
+    weights.resolve_weights('IMAGENET1K_V2', 'resnet18')
+  assert weights.preprocessing_of('resnet50', 'IMAGENET1K_V2').resize_size == 232
 
 
 def test_sha256_prefix_from_name():
@@ -301,11 +329,11 @@ def test_download_checks_prefix_and_overwrites_atomically(local_server, tmp_path
 def test_random_and_unknown_arch_and_missing_path(tmp_path):
   resolved = weights.resolve_weights('random', 'resnet18')
   assert resolved.state_dict is None and resolved.source == 'random'
-  with pytest.raises(WeightsError, match='known: resnet101, resnet18, resnet34, resnet50, vgg11, vgg11_bn, vgg13, vgg13_bn, vgg16, vgg16_bn, '):
+  with pytest.raises(WeightsError, match='no ImageNet weights known for arch .resnet9.; known: .*resnet18, '):
     weights.resolve_weights('imagenet', 'resnet9', cache_dir=tmp_path)
   with pytest.raises(WeightsError) as info:
     weights.resolve_weights(str(tmp_path / 'nope.pth'), 'resnet18')
-  assert 'nope.pth' in str(info.value) and 'imagenet | random | PATH' in str(info.value)
+  assert 'nope.pth' in str(info.value) and 'random | PATH' in str(info.value)
 
 
 def test_local_safetensors_carries_preprocessing(tmp_path):

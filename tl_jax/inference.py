@@ -13,9 +13,9 @@ import jax
 
 from tl_jax import xla_defaults
 from tl_jax.checkpoint import ModelCheckpoint, load_model
-from tl_jax.data.augment import build_pipeline
-from tl_jax.data.transforms import EvalTransform
+from tl_jax.data.augment import build_pipeline, tutorial_val_spec
 from tl_jax.models import create_model
+from tl_jax.weights import Preprocessing
 
 
 def eval_transform_for(model: ModelCheckpoint):
@@ -27,12 +27,8 @@ def eval_transform_for(model: ModelCheckpoint):
   spec = model.metadata.get('val_transforms')
   if spec:
     return build_pipeline(spec, where='the checkpoint\'s val_transforms')
-  pre = model.metadata.get('preprocessing') or {}
-  kwargs = {k: pre[k] for k in ('resize_size', 'crop_size') if k in pre}
-  for k in ('mean', 'std'):
-    if k in pre:
-      kwargs[k] = tuple(pre[k])
-  return EvalTransform(**kwargs)
+  preprocessing = Preprocessing.from_dict(model.metadata.get('preprocessing') or {})
+  return build_pipeline(tutorial_val_spec(preprocessing), where='the checkpoint\'s preprocessing')
 
 
 def _logits(variables: Mapping, images_bhwc: jax.Array, *, model) -> jax.Array:

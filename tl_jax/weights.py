@@ -22,7 +22,8 @@ import numpy as np
 
 from tl_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tl_jax.fetch import FetchError, fetch
-from tl_jax.models.registry import FAMILIES
+from tl_jax.models.registry import ARCHS
+from tl_jax.weight_files import WEIGHT_FILES, DEFAULT_WEIGHTS, WeightFile, imagenet_weights_name
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,15 +62,17 @@ IMAGENET_PREPROCESSING = Preprocessing()
 
 DEFAULT_BASE_URL = 'https://download.pytorch.org/models/'
 BASE_URL_ENV = 'TL_JAX_WEIGHTS_BASE_URL'
-# torchvision's IMAGENET1K_V1 weights (the tutorial's `pretrained=True`), from each family's record.
-IMAGENET_URLS = {arch: DEFAULT_BASE_URL + filename for family in FAMILIES for arch, filename in family.archs.items()}
+# The file `weights: imagenet` names per arch: torchvision's IMAGENET1K_V1 (the tutorial's
+# `pretrained=True`), or its DEFAULT where there is no V1.
+IMAGENET_URLS = {arch: DEFAULT_BASE_URL + WEIGHT_FILES[arch][imagenet_weights_name(arch)].filename for arch in ARCHS}
 
 # torch.hub.HASH_REGEX: 'resnet18-f37072fd.pth' -> 'f37072fd'.
 _HASH_REGEX = re.compile(r'-([a-f0-9]*)\.')
 _PREPROCESSING_KEY = 'tl_jax.preprocessing'
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin')
 _SAFETENSORS_SUFFIXES = ('.safetensors',)
-_SPEC_HELP = 'accepted values: imagenet | random | PATH (a local .pth or .safetensors state dict)'
+_SPEC_HELP = ('accepted values: imagenet | a torchvision weight name (IMAGENET1K_V2, DEFAULT, ...) | random | '
+              'PATH (a local .pth or .safetensors state dict)')
 
 
 @dataclasses.dataclass
@@ -262,15 +265,46 @@ def _url_filename(url: str) -> str:
   return os.path.basename(urllib.parse.urlparse(url).path)
 
 
-def imagenet_url(arch: str, base_url: Optional[str] = None) -> str:
-  """torchvision's URL for `arch`, or the same file name under `base_url` / $TL_JAX_WEIGHTS_BASE_URL."""
-  if arch not in IMAGENET_URLS:
-    raise WeightsError(f'no ImageNet weights known for arch {arch!r}; '
-                       f'known: {", ".join(sorted(IMAGENET_URLS))}')
+def weight_file(arch: str, name: str = 'imagenet') -> tuple[str, WeightFile]:
+  """(enum name, file) of torchvision's weights `name` for `arch`: 'imagenet' (IMAGENET1K_V1, or
+  DEFAULT where torchvision has no V1), 'DEFAULT', or an enum name such as 'IMAGENET1K_V2'."""
+  if arch not in WEIGHT_FILES or arch not in ARCHS:
+    raise WeightsError(f'no ImageNet weights known for arch {arch!r}; known: {", ".join(sorted(ARCHS))}')
+  enum = {'imagenet': imagenet_weights_name(arch), 'DEFAULT': DEFAULT_WEIGHTS[arch]}.get(name, name)
+  if enum not in WEIGHT_FILES[arch]:
+    raise WeightsError(f'--weights {name!r}: torchvision has no such weights for {arch}; its weights are '
+                       f'{", ".join(WEIGHT_FILES[arch])} (or imagenet, DEFAULT, random, a PATH)')
+  return enum, WEIGHT_FILES[arch][enum]
+
+
+def preprocessing_of(arch: str, name: str = 'imagenet') -> Preprocessing:
+  """The eval preprocessing of torchvision's weights `name` for `arch` (its `weights.transforms()`)."""
+  _, file = weight_file(arch, name)
+  return Preprocessing(mean=tuple(file.mean), std=tuple(file.std), resize_size=file.resize_size,
+                       crop_size=file.crop_size, interpolation=file.interpolation)
+
+
+def default_preprocessing(arch: str) -> Preprocessing:
+  """What weights without their own preprocessing (random ones, a bare state dict) are given:
+  that of the weights `imagenet` names for `arch`, the tutorial's for the ResNets."""
+  return preprocessing_of(arch) if arch in WEIGHT_FILES and arch in ARCHS else IMAGENET_PREPROCESSING
+
+
+def imagenet_url(arch: str, base_url: Optional[str] = None, name: str = 'imagenet') -> str:
+  """torchvision's URL of the weights `name` for `arch`, or the same file name under `base_url` /
+  $TL_JAX_WEIGHTS_BASE_URL."""
+  if name == 'imagenet' and arch in IMAGENET_URLS:
+    url = IMAGENET_URLS[arch]
+  else:
+    url = DEFAULT_BASE_URL + weight_file(arch, name)[1].filename
   base_url = base_url or os.environ.get(BASE_URL_ENV)
   if not base_url:
-    return IMAGENET_URLS[arch]
-  return base_url.rstrip('/') + '/' + _url_filename(IMAGENET_URLS[arch])
+    return url
+  return base_url.rstrip('/') + '/' + _url_filename(url)
+
+
+def _is_weight_name(spec: str) -> bool:
+  return spec == 'imagenet' or re.fullmatch(r'[A-Z][A-Z0-9_]*', spec) is not None
 
 
 def resolve_weights(spec: str, arch: str, *, cache_dir: Optional[PathLike] = None,
@@ -278,10 +312,12 @@ def resolve_weights(spec: str, arch: str, *, cache_dir: Optional[PathLike] = Non
   """Turns a --weights value into a NumPy state dict (or None) and its preprocessing.
 
   Args:
-    spec: 'imagenet' (torchvision's IMAGENET1K_V1 file, cached like torch.hub), 'random'
-      (no weights), or a path to a .pth/.safetensors state dict.
-    arch: e.g. 'resnet18'; picks the ImageNet file.
-    cache_dir: where ImageNet files are cached; default `torch_hub_dir() / 'checkpoints'`,
+    spec: 'imagenet' (torchvision's IMAGENET1K_V1 file, or its DEFAULT where there is no V1,
+      cached like torch.hub), a torchvision weight enum name of the arch ('IMAGENET1K_V2',
+      'IMAGENET1K_SWAG_E2E_V1', 'DEFAULT', ...), 'random' (no weights), or a path to a
+      .pth/.safetensors state dict.
+    arch: e.g. 'resnet18'; picks the file and the preprocessing.
+    cache_dir: where torchvision's files are cached; default `torch_hub_dir() / 'checkpoints'`,
       so files torch already downloaded are reused.
     base_url: mirror to download from instead of download.pytorch.org (file name appended);
       also read from $TL_JAX_WEIGHTS_BASE_URL.
@@ -291,11 +327,11 @@ def resolve_weights(spec: str, arch: str, *, cache_dir: Optional[PathLike] = Non
     WeightsError with what went wrong and what to pass instead.
   """
   if spec == 'random':
-    return ResolvedWeights(None, 'random', IMAGENET_PREPROCESSING)
-  if spec == 'imagenet':
-    url = imagenet_url(arch, base_url)
+    return ResolvedWeights(None, 'random', default_preprocessing(arch))
+  if _is_weight_name(spec) and not Path(spec).expanduser().exists():
+    url = imagenet_url(arch, base_url, spec)
     _import_torch()   # torchvision's files are .pth: fail before downloading one we cannot read
-    filename = _url_filename(IMAGENET_URLS[arch])
+    filename = _url_filename(url)
     cache = Path(cache_dir).expanduser() if cache_dir is not None else torch_hub_dir() / 'checkpoints'
     cached = cache / filename
     if cached.exists():
@@ -309,10 +345,10 @@ def resolve_weights(spec: str, arch: str, *, cache_dir: Optional[PathLike] = Non
       print(f'Downloading {url} to {cached}', file=sys.stderr)
       download(url, cached, sha256_prefix_from_name(filename), progress=progress)
       state_dict = load_state_dict(cached)
-    return ResolvedWeights(state_dict, f'imagenet:{cached}', IMAGENET_PREPROCESSING)
+    return ResolvedWeights(state_dict, f'{spec}:{cached}', preprocessing_of(arch, spec))
   path = Path(spec).expanduser()
   if not path.exists():
     raise WeightsError(f'--weights {spec!r}: no such file; {_SPEC_HELP}')
   state_dict = load_state_dict(path)
-  preprocessing = load_preprocessing(path) or IMAGENET_PREPROCESSING
+  preprocessing = load_preprocessing(path) or default_preprocessing(arch)
   return ResolvedWeights(state_dict, str(path), preprocessing)
