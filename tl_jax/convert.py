@@ -18,7 +18,7 @@ torch's (C, H, W) order, so every Linear is a plain transpose.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -199,24 +199,40 @@ def head_num_classes(state_dict: Mapping[str, np.ndarray]) -> Optional[int]:
   return None
 
 
-def replace_head(variables: Mapping, fresh_variables: Mapping) -> dict:
+def replace_head(variables: Mapping, fresh_variables: Mapping, arch: Optional[str] = None) -> dict:
   """Backbone of `variables` with the head of `fresh_variables` (the tutorial's new nn.Linear).
 
-  The head is ResNet's `fc` or VGG's `classifier_6` (torch's `classifier[-1]`); VGG's first two
-  classifier layers are kept, as `model.classifier[6] = nn.Linear(4096, K)` keeps them.
+  The head is ResNet's `fc`, VGG's `classifier_6` (torch's `classifier[-1]`), ... (each family's
+  `head`), plus the last layer of each auxiliary head (Inception's `AuxLogits.fc`, GoogLeNet's
+  `aux1.fc2` / `aux2.fc2`) when `arch` names a family that has them. The rest of the classifier is
+  kept, as `model.classifier[6] = nn.Linear(4096, K)` keeps VGG's first two layers.
 
   Args:
     variables: converted weights (any head, or none).
     fresh_variables: `init_variables` of the target model with `num_classes` outputs; its head
       has nn.Linear's init distribution.
+    arch: the model's arch; None: the head is found among the families' head names.
   """
-  heads = list(dict.fromkeys(f.head for f in FAMILIES if f.head in fresh_variables['params']))
-  if len(heads) != 1:
-    raise ConversionError(f'cannot tell the head among {sorted(fresh_variables["params"])}')
-  head = heads[0]
+  if arch is not None:
+    family = family_of(arch)
+    head, aux_heads = family.head, family.aux_heads(arch)
+  else:
+    heads = list(dict.fromkeys(f.head for f in FAMILIES if f.head in fresh_variables['params']))
+    if len(heads) != 1:
+      raise ConversionError(f'cannot tell the head among {sorted(fresh_variables["params"])}')
+    head, aux_heads = heads[0], ()
   params = {k: v for k, v in variables['params'].items() if k != head}
   params[head] = fresh_variables['params'][head]
+  for path in aux_heads:
+    params[path[0]] = _replace_at(params[path[0]], path[1:], _get(fresh_variables['params'], path))
   return {'params': params, 'batch_stats': dict(variables.get('batch_stats', {}))}
+
+
+def _replace_at(tree: Mapping, path: tuple[str, ...], value) -> Any:
+  """A copy of `tree` with the subtree at `path` replaced by `value`."""
+  if not path:
+    return value
+  return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], value)}
 
 
 def init_transfer_variables(model: models.TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,

@@ -52,6 +52,14 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: Optional[int] =
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
 
 
+def aux_loss_weights(model: nn.Module) -> tuple[float, ...]:
+  """The weights of `model`'s auxiliary outputs in the training loss (its family's; () for a
+  TransferModel, whose base has no auxiliary heads)."""
+  if isinstance(model, TransferModel):
+    return ()
+  return family_of(model.arch).aux_loss_weights(model.arch)
+
+
 def head_name(arch: str) -> str:
   """The top-level module a new task replaces: ResNet's `fc`, VGG's `classifier_6` (classifier[-1])."""
   return family_of(arch).head
@@ -141,6 +149,6 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
   return groups
 
 
-__all__ = ['ARCHS', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
+__all__ = ['ARCHS', 'aux_loss_weights', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
            'create_model', 'family_of', 'family_of_names', 'features_have_batch_norm', 'head_name', 'head_stages',
            'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']

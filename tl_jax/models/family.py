@@ -67,6 +67,8 @@ class Family:
     aux_loss_weights: arch -> the weight of each auxiliary output in the training loss
       (torchvision's Inception v3: (0.4,), GoogLeNet: (0.3, 0.3)); () for most. A family with
       auxiliary heads returns `(logits, (aux, ...))` from `__call__(..., with_aux=True)` in train mode.
+    aux_heads: arch -> the Flax paths of the auxiliary heads' last layers (e.g. ('AuxLogits',
+      'fc')), which a new task replaces along with the head.
 
   The module every `create` returns has torchvision's computation split in two:
     features(x_bhwc, train=False, mask_b=None) -> (B, num_features): pooled, flattened features;
@@ -90,3 +92,4 @@ class Family:
   name_table: Callable[[str, bool], list[Entry]]
   init_size: Callable[[str], int] = lambda arch: 32
   aux_loss_weights: Callable[[str], tuple[float, ...]] = lambda arch: ()
+  aux_heads: Callable[[str], tuple[tuple[str, ...], ...]] = lambda arch: ()

@@ -15,7 +15,7 @@ from tl_jax import optim, parallel
 from tl_jax.config import Config
 from tl_jax.convert import replace_head, torch_to_flax
 from tl_jax.data import on_device
-from tl_jax.models import create_model, init_variables
+from tl_jax.models import aux_loss_weights, create_model, init_variables
 from tl_jax.training.state import TrainState, create_train_state
 from tl_jax.training.steps import eval_step, train_step
 
@@ -27,7 +27,7 @@ def initial_variables(arch: str, num_classes: int, seed: int, state_dict: Option
   if state_dict is None:
     return fresh
   backbone = torch_to_flax(state_dict, arch, reference=fresh, include_head=False)
-  return replace_head(backbone, fresh)
+  return replace_head(backbone, fresh, arch)
 
 
 def make_tx(config: Config, index: int, params: Mapping, steps_per_epoch: int) -> optax.GradientTransformation:
@@ -109,7 +109,7 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
     if normalization is not None:
       train, evaluate = (on_device.normalizing_step(f, *normalization) for f in (train_step, eval_step))
     train_fn = parallel.jit_train_step(train, mesh, model=model, trainable=trainable,
-                                       bn_train=stage_config.bn == 'train')
+                                       bn_train=stage_config.bn == 'train', aux_weights=aux_loss_weights(model))
     eval_fn = parallel.jit_eval_step(evaluate, mesh, model=model)
     train_fn, seconds['train_step'] = _compile(train_fn, state, parallel.shard_batch(example_train, mesh))
     eval_fn, seconds['eval_step'] = _compile(eval_fn, state, parallel.shard_batch(example_val, mesh))

@@ -45,7 +45,8 @@ def _merge(a: Optional[Mapping], b: Optional[Mapping]) -> dict:
 
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
                trainable: Mapping[str, Any], bn_train: bool,
-               loss: losses.Loss = losses.cross_entropy) -> tuple[TrainState, dict]:
+               loss: losses.Loss = losses.cross_entropy,
+               aux_weights: tuple[float, ...] = ()) -> tuple[TrainState, dict]:
   """One optimizer step on the mean loss of the valid rows of `batch`.
 
   Args:
@@ -61,6 +62,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
       torch's model.train(); False: running stats everywhere (eval-mode BN). Dropout is on
       either way, as torch's model.train() with only the BN modules put in eval().
     loss: (outputs, batch) -> masked sums with 'loss_sum' and 'count' (see tl_jax.losses).
+    aux_weights: the weight of each auxiliary output in the loss (Inception v3: (0.4,), GoogLeNet:
+      (0.3, 0.3), as torchvision's recipes), for models that return `(logits, (aux, ...))` with
+      `with_aux=True`; the metrics other than the loss come from the main logits.
   """
   learned, fixed = _split(state.params, trainable)
   batch_stats = state.batch_stats if state.batch_stats is not None else {}
@@ -71,10 +75,18 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
       outputs, updates = model.apply(variables, batch['features'], train=True, method='from_features',
                                      mutable=[], rngs={'dropout': dropout_key(state)})
     else:
+      extra = {'with_aux': True} if aux_weights else {}
       outputs, updates = model.apply(variables, batch['images'], train=True, bn_train=bn_train,
                                      mask_b=batch['mask'], mutable=['batch_stats'] if bn_train else [],
-                                     rngs={'dropout': dropout_key(state)})
-    sums = loss(outputs, batch)
+                                     rngs={'dropout': dropout_key(state)}, **extra)
+    if aux_weights and 'features' not in batch:
+      outputs, aux_outputs = outputs
+      sums = loss(outputs, batch)
+      # torchvision's recipe: loss = main + sum(w * aux), each a mean over the batch.
+      sums['loss_sum'] = sums['loss_sum'] + sum(w * loss(aux, batch)['loss_sum']
+                                                for w, aux in zip(aux_weights, aux_outputs, strict=True))
+    else:
+      sums = loss(outputs, batch)
     return sums['loss_sum'] / sums['count'], (sums, updates.get('batch_stats', batch_stats))
 
   (_, (sums, new_batch_stats)), learned_grads = jax.value_and_grad(loss_fn, has_aux=True)(learned or {})
