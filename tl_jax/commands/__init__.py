@@ -1,4 +1,4 @@
-"""The command line: `tl-jax train|evaluate|predict|convert ...` once installed, or
+"""The command line: `tl-jax train|evaluate|predict|convert|archs ...` once installed, or
 `python scripts/<train|evaluate|predict|convert_weights>.py ...` from a checkout.
 
 Each command's `main(argv, prog)` parses `argv` and can be called in-process; `tl_jax.cli.run`
@@ -13,8 +13,8 @@ from typing import Optional, Sequence
 
 from tl_jax import cli
 
-COMMANDS = {'train': 'train', 'evaluate': 'evaluate', 'predict': 'predict', 'convert': 'convert'}
-_USAGE = ('usage: tl-jax {train,evaluate,predict,convert} [options]\n'
+COMMANDS = {'train': 'train', 'evaluate': 'evaluate', 'predict': 'predict', 'convert': 'convert', 'archs': 'archs'}
+_USAGE = ('usage: tl-jax {train,evaluate,predict,convert,archs} [options]\n'
           "  'tl-jax COMMAND --help' describes a command's options")
 
 

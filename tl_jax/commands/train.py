@@ -30,7 +30,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
                                               '~/tensorflow_datasets)')
   parser.add_argument('--tfds-download', action='store_true', default=None,
                       help='download and prepare a TFDS set that is not prepared yet (needs network)')
-  parser.add_argument('--weights', help='imagenet | random | PATH to a .pth/.safetensors state dict')
+  parser.add_argument('--weights', help='imagenet | a torchvision weight name (IMAGENET1K_V2, DEFAULT, ...) | '
+                      'random | PATH to a .pth/.safetensors state dict')
   parser.add_argument('--arch', help='resnet18 | resnet34 | resnet50 | resnet101 | vgg11 ... vgg19_bn')
   parser.add_argument('--epochs', type=int, help='epochs of every stage (two-stage: of both together)')
   parser.add_argument('--head-epochs', type=int, default=10, help='--strategy two-stage: epochs of the head stage')
