@@ -1,0 +1,69 @@
+"""Winograd 3x3 convolutions against lax's direct convolution: values and both gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import rel_err, within
+from tl_jax.models import winograd
+
+PAD = ((1, 1), (1, 1))
+
+
+def _direct(x, k):
+  return jax.lax.conv_general_dilated(x, k, (1, 1), PAD, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+# Odd and even maps, ResNet's 7x7 and 14x14, sizes that leave a partial tile for either tile size,
+# and a batch whose last rows are padding (zeros), as the trainer's padded last batch.
+SHAPES = [(2, 7, 7, 3, 5), (3, 14, 14, 4, 6), (1, 8, 9, 2, 3), (2, 5, 6, 3, 2), (1, 1, 1, 2, 2), (4, 6, 6, 3, 4)]
+SHAPES = [s if s in ((2, 7, 7, 3, 5), (4, 6, 6, 3, 4)) else pytest.param(s, marks=pytest.mark.slow) for s in SHAPES]
+
+
+@pytest.mark.parametrize('m', winograd.TILES)
+@pytest.mark.parametrize('shape', SHAPES, ids=lambda s: 'x'.join(map(str, s)) if isinstance(s, tuple) else None)
+def test_values_and_gradients_equal_the_direct_convolution_in_float64(shape, m):
+  n, h, w, ci, co = shape
+  rng = np.random.default_rng(sum(shape) + m)
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((n, h, w, ci)))
+    if n == 4:
+      x = x.at[2:].set(0.0)   # padded rows
+    k = jnp.asarray(rng.standard_normal((3, 3, ci, co)))
+    dy = jnp.asarray(rng.standard_normal((n, h, w, co)))
+
+    def value_and_grads(conv):
+      y, vjp = jax.vjp(conv, x, k)
+      return (y, *vjp(dy))
+
+    ours = jax.jit(lambda: value_and_grads(lambda a, b: winograd.conv3x3(a, b, m)))()
+    ref = jax.jit(lambda: value_and_grads(_direct))()
+    for what, a, b in zip(('value', 'dx', 'dW'), ours, ref):
+      assert within(rel_err(a, b), 'rewrite_rel_f64', f'Winograd F({m}x{m},3x3) {what} float64'), (what, shape)
+
+
+@pytest.mark.parametrize('m', winograd.TILES)
+def test_float32_error_is_that_of_rounding(m):
+  """float32 Winograd against the float64 direct convolution: F(2x2) as close as XLA's own float32
+  convolution (within 4x), F(4x4) within 1e-4 (its transforms' larger coefficients)."""
+  rng = np.random.default_rng(m)
+  x = rng.standard_normal((2, 14, 14, 32)).astype(np.float32)
+  k = (rng.standard_normal((3, 3, 32, 16)) / np.sqrt(288)).astype(np.float32)
+  with jax.enable_x64(True):
+    ref = np.asarray(_direct(jnp.asarray(x, jnp.float64), jnp.asarray(k, jnp.float64)))
+  direct_err = rel_err(jax.jit(_direct)(x, k), ref)
+  ours_err = rel_err(jax.jit(lambda a, b: winograd.conv3x3(a, b, m))(x, k), ref)
+  assert ours_err <= (4 * max(direct_err, 1e-7) if m == 2 else 1e-4), (ours_err, direct_err)
+
+
+def test_jitted_and_differentiated_inside_a_model_step():
+  """Under jit and grad of a loss (the train step's use), the same as lax's."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, 9, 9, 3)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((3, 3, 3, 4)), jnp.float32)
+  loss = lambda conv: jax.jit(jax.grad(lambda a, b: jnp.sum(jnp.tanh(conv(a, b))), argnums=(0, 1)))  # noqa: E731
+  ours = loss(lambda a, b: winograd.conv3x3(a, b, 2))(x, k)
+  ref = loss(_direct)(x, k)
+  for a, b in zip(ours, ref):
+    assert rel_err(a, b) < 1e-5
