@@ -176,19 +176,44 @@ def _raise_if_problems(arch: str, missing: list[str], unexpected: list[str], mis
     lines.append(f'  unexpected ({len(unexpected)}): ' + ', '.join(unexpected))
   if mismatched:
     lines.append(f'  wrong shape ({len(mismatched)}):\n    ' + '\n    '.join(mismatched))
-  lines.append('Check --arch (resnet18/34 have BasicBlocks, resnet50/101 Bottlenecks; vggN_bn have BatchNorm, '
-               'vggN do not) and that the file is a torchvision classification state_dict.')
+  lines.append('Check --arch (`tl-jax archs` lists them; e.g. resnet18/34 have BasicBlocks, resnet50/101 '
+               'Bottlenecks, vggN_bn have BatchNorm and vggN do not) and that the file is a torchvision '
+               'classification state_dict.')
   raise ConversionError('\n'.join(lines))
 
 
 def guess_arch(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:
-  """The arch whose name table matches the state dict's keys exactly (with or without its head), else None."""
+  """The arch whose name table matches the state dict's keys exactly (with or without its head), else None.
+
+  Archs that share every name (EfficientNet-B1 and B2, RegNets of one depth) are told apart by
+  the shapes of their tensors, from each candidate's abstract parameters (no weights computed)."""
   keys = {k for k in state_dict if not k.endswith('num_batches_tracked')}
-  for arch in ARCHS:
-    for include_head in (True, False):
-      if {e.torch_name for e in name_table(arch, include_head)} == keys:
-        return arch
-  return None
+  candidates = [(arch, include_head) for arch in ARCHS for include_head in (True, False)
+                if {e.torch_name for e in name_table(arch, include_head)} == keys]
+  if len(candidates) <= 1:
+    return candidates[0][0] if candidates else None
+  fitting = [arch for arch, include_head in candidates if _shapes_fit(state_dict, arch, include_head)]
+  if not fitting:   # shapes fit none of them: the names still say more than nothing
+    return candidates[0][0]
+  return fitting[0] if len(fitting) == 1 else None
+
+
+def _shapes_fit(state_dict: Mapping[str, np.ndarray], arch: str, include_head: bool) -> bool:
+  """Whether every tensor of `state_dict` has the shape `arch`'s parameters give it (any class count)."""
+  family = family_of(arch)
+  model = family.create(arch, 1000)
+  size = family.init_size(arch)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), train=False))
+  for entry in name_table(arch, include_head):
+    if family.stage_of(entry.path[0]) == models.HEAD or any(entry.path[:len(p)] == p for p in family.aux_heads(arch)):
+      continue   # the heads' shapes depend on the class count
+    try:
+      want = _expected_torch_shape(entry, tuple(_get(abstract[entry.collection], entry.path).shape))
+    except KeyError:
+      return False
+    if tuple(np.shape(state_dict[entry.torch_name])) != want:
+      return False
+  return True
 
 
 def head_num_classes(state_dict: Mapping[str, np.ndarray]) -> Optional[int]:

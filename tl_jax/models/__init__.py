@@ -67,7 +67,7 @@ def head_name(arch: str) -> str:
 
 def arch_stages(arch: str) -> tuple[str, ...]:
   """Stages of `arch` from input to output, the head last."""
-  return family_of(arch).stages + (HEAD,)
+  return family_of(arch).stages_of(arch) + (HEAD,)
 
 
 def head_stages(arch: str) -> tuple[str, ...]:

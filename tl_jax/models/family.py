@@ -9,7 +9,7 @@ Flax variables and how it is laid out (`Entry.kind`); `tl_jax.convert` applies i
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import flax.linen as nn
 
@@ -54,7 +54,9 @@ class Family:
     archs: arch name -> torchvision's IMAGENET1K_V1 file name (its SHA-256 prefix in the name).
     create: (arch, num_classes, dtype, fast_backward) -> the Flax module; refuses options the
       family does not have.
-    stages: the backbone's stages for freezing, input to output (the head not included).
+    stages: the backbone's stages for freezing, input to output (the head not included); a
+      tuple for the whole family, or arch -> tuple where archs differ (EfficientNet V2-S has no
+      features.8).
     head: the top-level module the head swap replaces (torch's `fc`, `classifier[-1]`, ...).
     head_torch: its torch name, e.g. 'fc' or 'classifier.6'.
     head_stages: the stages `from_features` computes from the pooled features, HEAD last.
@@ -82,7 +84,7 @@ class Family:
   name: str
   archs: Mapping[str, str]
   create: Callable[..., nn.Module]
-  stages: tuple[str, ...]
+  stages: Union[tuple[str, ...], Callable[[str], tuple[str, ...]]]
   head: str
   head_torch: str
   head_stages: tuple[str, ...]
@@ -93,3 +95,7 @@ class Family:
   init_size: Callable[[str], int] = lambda arch: 32
   aux_loss_weights: Callable[[str], tuple[float, ...]] = lambda arch: ()
   aux_heads: Callable[[str], tuple[tuple[str, ...], ...]] = lambda arch: ()
+
+  def stages_of(self, arch: str) -> tuple[str, ...]:
+    """`arch`'s backbone stages, input to output."""
+    return self.stages(arch) if callable(self.stages) else self.stages
