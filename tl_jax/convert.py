@@ -216,12 +216,14 @@ def _shapes_fit(state_dict: Mapping[str, np.ndarray], arch: str, include_head: b
   return True
 
 
-def head_num_classes(state_dict: Mapping[str, np.ndarray]) -> Optional[int]:
-  """Output size of the last layer (`fc` or VGG's `classifier.6`) in a torchvision state dict, or None."""
-  for family in FAMILIES:
-    if f'{family.head_torch}.weight' in state_dict:
-      return int(np.shape(state_dict[f'{family.head_torch}.weight'])[0])
-  return None
+def head_num_classes(state_dict: Mapping[str, np.ndarray], arch: Optional[str] = None) -> Optional[int]:
+  """Output size of the last layer (`fc`, `classifier.6`, `heads.head`, ...) in a torchvision state
+  dict of `arch` (default: the arch its names say), or None."""
+  arch = arch or guess_arch(state_dict)
+  if arch is None:
+    return None
+  weight = state_dict.get(f'{family_of(arch).head_torch}.weight')
+  return None if weight is None else int(np.shape(weight)[0])
 
 
 def replace_head(variables: Mapping, fresh_variables: Mapping, arch: Optional[str] = None) -> dict:

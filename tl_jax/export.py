@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from tl_jax import checkpoint, convert, weights
-from tl_jax.models import ARCHS, create_model, init_variables
+from tl_jax.models import ARCHS, create_model, family_of, init_variables
 
 
 def imagenet_class_names() -> Optional[list[str]]:
@@ -40,15 +40,17 @@ def import_torch_weights(src: str | Path, out: str | Path, arch: Optional[str] =
   elif guessed is not None and guessed != arch:
     raise convert.ConversionError(f'{src}: this looks like a {guessed} state dict, not {arch}; '
                                   f'pass --arch {guessed}')
-  num_classes = convert.head_num_classes(state_dict)
+  num_classes = convert.head_num_classes(state_dict, arch)
   if num_classes is None:
-    raise convert.ConversionError(f'{src} has no fc.weight or classifier.6.weight; it is not a torchvision '
-                                  'classifier state dict')
-  reference = init_variables(create_model(arch, num_classes), _rng())
+    head = f'{family_of(arch).head_torch}.weight'
+    raise convert.ConversionError(f'{src} has no {head} (the last layer of {arch}); it is not a torchvision '
+                                  f'{arch} classifier state dict')
+  # A bare state dict gets the preprocessing of the torchvision weights `imagenet` names for the arch.
+  preprocessing = weights.load_preprocessing(src) or weights.default_preprocessing(arch)
+  reference = init_variables(create_model(arch, num_classes, image_size=preprocessing.crop_size), _rng())
   variables = convert.torch_to_flax(state_dict, arch, reference=reference)
   if class_names is None and num_classes == 1000:
     class_names = imagenet_class_names()
-  preprocessing = weights.load_preprocessing(src) or weights.Preprocessing()
   metadata = checkpoint.make_metadata(arch, num_classes, preprocessing.to_dict(),
                                       list(class_names) if class_names else None, source=str(src))
   checkpoint.save_model(out, variables, metadata, overwrite=overwrite)

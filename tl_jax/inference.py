@@ -69,6 +69,7 @@ class Inference:
 def load_inference(model_dir: str | Path) -> Inference:
   """A model checkpoint directory -> its module, device variables, val preprocessing and forward."""
   checkpoint = load_model(model_dir)
-  model = create_model(checkpoint.arch, checkpoint.num_classes)
+  crop_size = (checkpoint.metadata.get('preprocessing') or {}).get('crop_size')
+  model = create_model(checkpoint.arch, checkpoint.num_classes, image_size=crop_size)
   return Inference(checkpoint, model, jax.device_put(checkpoint.variables), eval_transform_for(checkpoint),
                    make_forward(model))

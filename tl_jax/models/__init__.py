@@ -27,8 +27,13 @@ from tl_jax.models.vgg import VGG
 FEATURES = 'features'
 
 
-def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optional[bool] = None) -> nn.Module:
+def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optional[bool] = None,
+                 image_size: Optional[int] = None) -> nn.Module:
   """torchvision's `arch` (one of ARCHS) with a `num_classes`-way last layer.
+
+  `image_size`: the input size, for the families whose parameters depend on it (ViT: the
+  weights' crop size, as torchvision's builder takes it from the weights); None: the arch's
+  native size. The other families take any size and ignore it.
 
   Options a family has (the ResNets: `dtype`, the compute dtype of convolutions and matmuls,
   e.g. jnp.bfloat16, None: float32; `fast_backward`, XLA:CPU-friendly conv gradients, None:
@@ -36,7 +41,10 @@ def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optiona
   """
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  return family_of(arch).create(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
+  family = family_of(arch)
+  if family.sized_by_input and image_size is not None:
+    return family.create(arch, num_classes, dtype=dtype, fast_backward=fast_backward, image_size=image_size)
+  return family.create(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: Optional[int] = None) -> dict:
@@ -46,7 +54,7 @@ def init_variables(model: nn.Module, rng: jax.Array, image_size: Optional[int] =
   treat both kinds alike. `image_size` None: the smallest size the family's parameters allow
   (its `init_size`), which is cheap and gives the same parameter shapes as any other."""
   if image_size is None:
-    image_size = family_of(model.arch).init_size(model.arch)
+    image_size = init_size(model)
   dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, dummy, train=False))(rng)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
@@ -58,6 +66,16 @@ def aux_loss_weights(model: nn.Module) -> tuple[float, ...]:
   if isinstance(model, TransferModel):
     return ()
   return family_of(model.arch).aux_loss_weights(model.arch)
+
+
+def init_size(model: nn.Module) -> int:
+  """An input size `model.init` accepts: the model's own where its parameters depend on it (a ViT
+  built for 384 px), else its family's small one."""
+  family = family_of(model.arch)
+  spec = getattr(model, 'spec', None)
+  if family.sized_by_input and spec is not None:
+    return spec.image_size
+  return family.init_size(model.arch)
 
 
 def head_name(arch: str) -> str:
@@ -151,4 +169,4 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
 
 __all__ = ['ARCHS', 'aux_loss_weights', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
            'create_model', 'family_of', 'family_of_names', 'features_have_batch_norm', 'head_name', 'head_stages',
-           'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']
+           'init_size', 'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']

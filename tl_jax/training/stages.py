@@ -20,9 +20,11 @@ from tl_jax.training.state import TrainState, create_train_state
 from tl_jax.training.steps import eval_step, train_step
 
 
-def initial_variables(arch: str, num_classes: int, seed: int, state_dict: Optional[Mapping] = None) -> dict:
-  """Pretrained backbone (if `state_dict`) with a fresh `num_classes`-way head, as the tutorial does."""
-  model = create_model(arch, num_classes)
+def initial_variables(arch: str, num_classes: int, seed: int, state_dict: Optional[Mapping] = None,
+                      image_size: Optional[int] = None) -> dict:
+  """Pretrained backbone (if `state_dict`) with a fresh `num_classes`-way head, as the tutorial does.
+  `image_size`: the weights' crop size, for the models whose parameters depend on it (ViT)."""
+  model = create_model(arch, num_classes, image_size=image_size)
   fresh = init_variables(model, jax.random.PRNGKey(seed))
   if state_dict is None:
     return fresh
@@ -64,10 +66,11 @@ class Stage:
 
 
 def _stage_key(config: Config, index: int) -> tuple:
-  """What a compiled train step depends on besides shapes: the trainable set, BN policy and optimizer."""
+  """What a compiled train step depends on besides shapes: the trainable set, BN policy, optimizer and
+  the policy for non-finite steps."""
   stage = config.stages[index]
   return (config.trainable_stages(index), stage.bn, stage.optimizer.model_dump_json(),
-          stage.schedule.model_dump_json(), stage.epochs)
+          stage.schedule.model_dump_json(), stage.epochs, stage.on_nonfinite)
 
 
 def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per_epoch: int,
@@ -109,7 +112,8 @@ def setup_stage(config: Config, index: int, model, variables: Mapping, steps_per
     if normalization is not None:
       train, evaluate = (on_device.normalizing_step(f, *normalization) for f in (train_step, eval_step))
     train_fn = parallel.jit_train_step(train, mesh, model=model, trainable=trainable,
-                                       bn_train=stage_config.bn == 'train', aux_weights=aux_loss_weights(model))
+                                       bn_train=stage_config.bn == 'train', aux_weights=aux_loss_weights(model),
+                                       on_nonfinite=stage_config.on_nonfinite)
     eval_fn = parallel.jit_eval_step(evaluate, mesh, model=model)
     train_fn, seconds['train_step'] = _compile(train_fn, state, parallel.shard_batch(example_train, mesh))
     eval_fn, seconds['eval_step'] = _compile(eval_fn, state, parallel.shard_batch(example_val, mesh))
