@@ -22,6 +22,10 @@ DETERMINISTIC_TRAIN = [{'Resize': {'size': 36}}, {'CenterCrop': {'size': 32}}, {
     ('vgg16_bn', ['classifier', 'head'], 'train', True, (False, False)),
     ('vgg16_bn', ['head'], 'frozen', False, (False, True)),
     ('vgg16', ['block5', 'classifier', 'head'], 'frozen', True, (False, False)),
+    ('vit_b_16', ['head'], 'train', True, (True, True)),           # no BatchNorm, no stochastic depth
+    ('convnext_tiny', ['head'], 'train', True, (False, True)),     # stochastic depth draws in train mode
+    ('swin_t', ['head'], 'frozen', True, (False, True)),
+    ('efficientnet_b0', ['head'], 'frozen', True, (False, True)),
 ])
 def test_plan_caches_exactly_when_the_backbone_cannot_change(arch, trainable, bn, deterministic, expected):
   p = plan(arch, trainable, bn, deterministic)

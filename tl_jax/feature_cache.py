@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from tl_jax.data.loader import padded_batch
-from tl_jax.models import features_have_batch_norm, head_stages
+from tl_jax.models import features_are_random, features_have_batch_norm, head_stages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +69,9 @@ def plan(arch: str, trainable_stages: Sequence[str], bn: str, train_deterministi
     return Plan(False, False, f'the backbone learns ({", ".join(learning)})', backbone_learns=True)
   if bn == 'train' and features_have_batch_norm(arch):
     return Plan(False, False, "bn: train updates the backbone's BatchNorm statistics every step")
+  if features_are_random(arch):
+    # torch's model.train() keeps a frozen backbone's stochastic depth on: train features differ each step.
+    return Plan(False, True)
   return Plan(train_deterministic, True)
 
 
@@ -120,10 +123,11 @@ class FeatureLoader:
   def __len__(self) -> int:
     return len(self.loader)
 
-  def epoch(self, epoch: int) -> Iterator[FeatureBatch]:
+  def epoch(self, epoch: int, start: int = 0) -> Iterator[FeatureBatch]:
+    """The batches of `epoch` from batch `start` on (a run resumed mid-epoch), as `Loader.epoch`."""
     order = self.loader.order(epoch)
-    for start in range(0, len(order), self.batch_size):
-      rows = order[start:start + self.batch_size]
+    for first in range(start * self.batch_size, len(order), self.batch_size):
+      rows = order[first:first + self.batch_size]
       batch = padded_batch(self.features[rows], self.features[0], [self.samples[i][1] for i in rows], rows,
                            self.batch_size)
       yield FeatureBatch(batch.images, batch.labels, batch.mask, batch.indices)

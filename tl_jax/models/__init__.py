@@ -98,6 +98,12 @@ def features_have_batch_norm(arch: str) -> bool:
   return family_of(arch).features_have_batch_norm(arch)
 
 
+def features_are_random(arch: str) -> bool:
+  """Whether `features` draws at random in train mode (stochastic depth in ConvNeXt, EfficientNet,
+  Swin, MaxViT), as torch's model.train() does even with the backbone frozen."""
+  return family_of(arch).features_are_random(arch)
+
+
 def stage_of(module_name: str, arch: Optional[str] = None) -> str:
   """Stage of a top-level module: ResNet's layer3_1 -> 'layer3', VGG's classifier_6 -> 'head'.
 
@@ -167,6 +173,7 @@ def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
   return groups
 
 
-__all__ = ['ARCHS', 'aux_loss_weights', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
-           'create_model', 'family_of', 'family_of_names', 'features_have_batch_norm', 'head_name', 'head_stages',
-           'init_size', 'init_variables', 'num_features', 'stage_groups', 'stage_of', 'stage_tree']
+__all__ = ['ARCHS', 'FAMILIES', 'HEAD', 'Backbone', 'BatchNorm', 'ResNet', 'TransferModel', 'VGG', 'arch_stages',
+           'aux_loss_weights', 'create_model', 'family_of', 'family_of_names', 'features_are_random',
+           'features_have_batch_norm', 'head_name', 'head_stages', 'init_size', 'init_variables', 'num_features',
+           'stage_groups', 'stage_of', 'stage_tree']

@@ -372,5 +372,6 @@ FAMILY = Family(
     stage_of=stage_of,
     num_features=lambda arch: ARCHS[arch].last_channels,
     features_have_batch_norm=lambda arch: True,
+    features_are_random=lambda arch: True,   # stochastic depth in train mode
     name_table=torch_name_table,
 )

@@ -69,6 +69,8 @@ class Family:
     aux_loss_weights: arch -> the weight of each auxiliary output in the training loss
       (torchvision's Inception v3: (0.4,), GoogLeNet: (0.3, 0.3)); () for most. A family with
       auxiliary heads returns `(logits, (aux, ...))` from `__call__(..., with_aux=True)` in train mode.
+    features_are_random: arch -> whether the backbone draws at random in train mode (stochastic
+      depth, dropout), so that train-phase features cannot be cached even when it is frozen.
     sized_by_input: the parameters depend on the input size (ViT's position embedding): `create`
       takes `image_size` and the module has `spec.image_size`.
     aux_heads: arch -> the Flax paths of the auxiliary heads' last layers (e.g. ('AuxLogits',
@@ -97,6 +99,7 @@ class Family:
   init_size: Callable[[str], int] = lambda arch: 32
   aux_loss_weights: Callable[[str], tuple[float, ...]] = lambda arch: ()
   aux_heads: Callable[[str], tuple[tuple[str, ...], ...]] = lambda arch: ()
+  features_are_random: Callable[[str], bool] = lambda arch: False
   sized_by_input: bool = False
 
   def stages_of(self, arch: str) -> tuple[str, ...]:

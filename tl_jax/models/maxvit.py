@@ -477,6 +477,7 @@ FAMILY = Family(
     stage_of=stage_of,
     num_features=lambda arch: ARCHS[arch].block_channels[-1],
     features_have_batch_norm=lambda arch: True,
+    features_are_random=lambda arch: True,   # stochastic depth in train mode
     name_table=torch_name_table,
     # Every block's map must divide by the partition size (7): 224 px is the smallest such input.
     init_size=lambda arch: 224,
