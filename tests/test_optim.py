@@ -272,7 +272,8 @@ def test_stock_optax_transforms_differ_from_torch_where_ours_are_used(case, stoc
 
 
 def test_frozen_labels_keep_their_params_and_have_no_state():
-  params = {'conv1': {'kernel': np.ones((2, 2))}, 'fc': {'kernel': np.ones((2, 2))}}
+  # A ResNet's names (conv1 and fc alone would also be GoogLeNet's, whose conv1 is a stage of its own).
+  params = {'conv1': {'kernel': np.ones((2, 2))}, 'bn1': {'scale': np.ones(2)}, 'fc': {'kernel': np.ones((2, 2))}}
   tx = optim.make_optimizer(params, 'frozen', {'name': 'adamw', 'weight_decay': 0.5}, 0.1)
   state = tx.init(params)
   updates, _ = tx.update(jax.tree_util.tree_map(np.ones_like, params), state, params)

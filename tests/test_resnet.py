@@ -258,3 +258,99 @@ def test_fast_backward_gradients_equal_the_plain_ones_in_float64(monkeypatch):
     worst = max(rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_fast), jax.tree_util.tree_leaves(g_plain)))
   assert within(worst, 'grad_rel_f64', 'fast_backward vs plain gradients float64, worst tensor (rel)'), worst
   assert calls.count('conv2d') >= 20 and 'max_pool' in calls  # the fast model took the conv rewrites
+
+
+# The Bottleneck variants: ResNet-152, ResNeXt (grouped 3x3 convs) and the wide ResNets.
+NEW_ARCHS = ('resnet152', 'resnext50_32x4d', 'resnext101_32x8d', 'resnext101_64x4d', 'wide_resnet50_2',
+             'wide_resnet101_2')
+
+
+def _param_shapes(arch):
+  """init's {'params', 'batch_stats'} shapes (traced, not compiled)."""
+  model = create_model(arch, NUM_CLASSES)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), train=False))
+
+
+def _eval_parity(arch, size, batch):
+  tmodel, model, variables = _pair(arch)
+  tmodel.eval()
+  x = _images(batch, size)
+  with torch.no_grad():
+    ref = tmodel(torch.from_numpy(x)).numpy()
+  del tmodel
+  logits = jax.jit(model.apply)(variables, jnp.asarray(nchw_to_nhwc(x)))
+  assert within(rel_err(logits, ref), 'logits_rel', f'eval logits {arch} {size}px (rel)')
+
+
+@pytest.mark.parametrize('arch', [pytest.param(a, marks=pytest.mark.slow) for a in NEW_ARCHS])
+def test_bottleneck_variants_eval_logits_at_the_native_crop_size(arch):
+  import torchvision
+  size = torchvision.models.get_model_weights(arch).DEFAULT.transforms().crop_size[0]
+  _eval_parity(arch, size, 1)
+
+
+@pytest.mark.slow
+def test_resnext_eval_logits_at_a_small_size():
+  """resnext50_32x4d's grouped 3x3 convs (32 groups) at 64 px."""
+  _eval_parity('resnext50_32x4d', 64, 2)
+
+
+@pytest.mark.parametrize('arch', ['resnext50_32x4d'] + [pytest.param(a, marks=pytest.mark.slow)
+                                                       for a in NEW_ARCHS if a != 'resnext50_32x4d'])
+def test_bottleneck_variants_conversion_round_trip(arch):
+  """torch -> Flax -> torch bit-identical and strictly loadable; Flax's shapes (grouped kernels
+  (3, 3, width / groups, width), wide inner widths) are torch's."""
+  import torchvision
+  tmodel = random_torchvision_model(arch, NUM_CLASSES)
+  state_dict = state_dict_numpy(tmodel)
+  assert [e.torch_name for e in name_table(arch)] == [k for k in state_dict if not k.endswith('num_batches_tracked')]
+  variables = torch_to_flax(state_dict, arch, reference=_param_shapes(arch))
+  back = flax_to_torch(variables, arch)
+  assert back.keys() == state_dict.keys()
+  for name, value in state_dict.items():
+    assert np.array_equal(back[name], value), name
+  fresh = getattr(torchvision.models, arch)(num_classes=NUM_CLASSES)
+  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()}, strict=True)
+
+
+def test_a_resnext_state_dict_does_not_load_into_resnet50():
+  """resnet50, resnext50_32x4d and wide_resnet50_2 share every tensor name; the shapes tell them apart."""
+  from tl_jax.convert import ConversionError
+  state_dict = state_dict_numpy(random_torchvision_model('resnext50_32x4d', NUM_CLASSES))
+  with pytest.raises(ConversionError, match=r'wrong shape .*\n.*layer1.0.conv1.weight: file has \(128, 64, 1, 1\), '
+                                            r'resnet50 needs \(64, 64, 1, 1\)'):
+    torch_to_flax(state_dict, 'resnet50', reference=_param_shapes('resnet50'))
+
+
+@pytest.mark.slow
+def test_resnet152_state_dict_is_named_when_given_to_resnet101():
+  from tl_jax.convert import ConversionError
+  state_dict = state_dict_numpy(random_torchvision_model('resnet152', NUM_CLASSES))
+  with pytest.raises(ConversionError, match='looks like a resnet152 state dict'):
+    torch_to_flax(state_dict, 'resnet101')
+
+
+@pytest.mark.slow
+def test_resnext_gradients_match_torch_in_float64():
+  """Train-mode cross-entropy gradients through grouped convs (fast_backward's default: they take
+  lax's own gradients) equal torch's in float64."""
+  arch = 'resnext50_32x4d'
+  tmodel = random_torchvision_model(arch, NUM_CLASSES).double()
+  tmodel.train()
+  x = np.random.default_rng(5).standard_normal((2, 3, 64, 64))
+  labels = np.array([0, 3])
+  torch.nn.functional.cross_entropy(tmodel(torch.from_numpy(x)), torch.from_numpy(labels)).backward()
+  grads_ref = {name: p.grad.numpy() for name, p in tmodel.named_parameters()}
+  model = create_model(arch, NUM_CLASSES)
+  with jax.enable_x64(True):
+    variables = torch_to_flax(state_dict_numpy(tmodel), arch)
+
+    def loss_fn(params):
+      logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                              jnp.asarray(nchw_to_nhwc(x)), train=True, mutable=['batch_stats'])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(labels)[:, None], axis=1))
+
+    grads = jax.device_get(jax.jit(jax.grad(loss_fn))(variables['params']))
+  grads_torch_layout = flax_to_torch({'params': grads, 'batch_stats': variables['batch_stats']}, arch)
+  worst, name = max((rel_err(grads_torch_layout[k], grads_ref[k]), k) for k in grads_ref)
+  assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), name

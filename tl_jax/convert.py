@@ -47,7 +47,9 @@ def name_table(arch: str, include_head: bool = True, base_only: bool = False) ->
     raise ConversionError(str(e)) from None
   table = family.name_table(arch, include_head and not base_only)
   if base_only:
-    return [e for e in table if family.stage_of(e.path[0]) not in family.head_stages]
+    # The base: what `features` computes; not the classifier, nor the auxiliary heads it never runs.
+    aux_modules = {path[0] for path in family.aux_heads(arch)}
+    return [e for e in table if family.stage_of(e.path[0]) not in family.head_stages and e.path[0] not in aux_modules]
   return table
 
 
@@ -251,7 +253,7 @@ def replace_head(variables: Mapping, fresh_variables: Mapping, arch: Optional[st
   params = {k: v for k, v in variables['params'].items() if k != head}
   params[head] = fresh_variables['params'][head]
   for path in aux_heads:
-    params[path[0]] = _replace_at(params[path[0]], path[1:], _get(fresh_variables['params'], path))
+    params[path[0]] = _replace_at(params.get(path[0], {}), path[1:], _get(fresh_variables['params'], path))
   return {'params': params, 'batch_stats': dict(variables.get('batch_stats', {}))}
 
 
@@ -259,7 +261,7 @@ def _replace_at(tree: Mapping, path: tuple[str, ...], value) -> Any:
   """A copy of `tree` with the subtree at `path` replaced by `value`."""
   if not path:
     return value
-  return {**tree, path[0]: _replace_at(tree[path[0]], path[1:], value)}
+  return {**tree, path[0]: _replace_at(tree.get(path[0], {}), path[1:], value)}
 
 
 def init_transfer_variables(model: models.TransferModel, rng: jax.Array, state_dict: Optional[Mapping] = None,

@@ -137,9 +137,12 @@ StageTree = Union[str, Mapping[str, 'StageTree']]
 def stage_tree(params: Mapping) -> dict:
   """A prefix of `params`' tree with a stage name at each top-level module.
 
-  ResNet/VGG: {'conv1': 'stem', ..., 'fc': 'head'}. TransferModel: {'backbone': {...the
-  backbone's stages...}, 'head': {'xmin': 'xmin', ...}}: each top-level submodule of the
-  user's head is a stage named after it (a head with no submodules is one stage, 'head').
+  ResNet/VGG: {'conv1': 'stem', ..., 'fc': 'head'}. The last layers of auxiliary heads belong to
+  `head` one level down (Inception: {'AuxLogits': {'conv0': 'AuxLogits', ..., 'fc': 'head'}}), as
+  PyTorch's recipe replaces and trains `AuxLogits.fc` along with `fc`. TransferModel:
+  {'backbone': {...the backbone's stages...}, 'head': {'xmin': 'xmin', ...}}: each top-level
+  submodule of the user's head is a stage named after it (a head with no submodules is one stage,
+  'head').
   """
   if 'backbone' in params and 'head' in params and len(params) == 2:
     family = family_of_names(params['backbone'])
@@ -152,17 +155,27 @@ def stage_tree(params: Mapping) -> dict:
       return {'backbone': backbone, 'head': {name: name for name in head}}
     return {'backbone': backbone, 'head': HEAD}
   family = family_of_names(params)
-  return {name: family.stage_of(name) for name in params}
+  tree = {name: family.stage_of(name) for name in params}
+  for path in {p for arch in family.archs for p in family.aux_heads(arch)}:
+    if len(path) == 2 and path[0] in params and path[1] in params[path[0]]:
+      tree[path[0]] = {**({k: tree[path[0]] for k in params[path[0]]} if isinstance(tree[path[0]], str)
+                          else tree[path[0]]), path[1]: HEAD}
+  return tree
+
+
+def _stage_values(tree: Mapping) -> list[str]:
+  """Every stage name in a (nested) stage tree, in order."""
+  return [s for v in tree.values() for s in (_stage_values(v) if isinstance(v, Mapping) else [v])]
 
 
 def stage_groups(tree: Mapping) -> dict[str, tuple[str, ...]]:
   """Names a strategy may use -> the stages they select: every stage, plus 'features' (the
   backbone's stages up to the pooled features) and 'head' (every head stage)."""
   if 'backbone' in tree and 'head' in tree:
-    backbone = tuple(dict.fromkeys(tree['backbone'].values()))   # a Backbone has no head parameters
+    backbone = tuple(dict.fromkeys(_stage_values(tree['backbone'])))   # a Backbone has no head parameters
     head = tuple(tree['head'].values()) if isinstance(tree['head'], Mapping) else (HEAD,)
   else:
-    stages = tuple(dict.fromkeys(tree.values()))
+    stages = tuple(dict.fromkeys(_stage_values(tree)))
     backbone = tuple(s for s in stages if s != HEAD)
     head = (HEAD,) if HEAD in stages else ()
   groups = {s: (s,) for s in backbone + head}

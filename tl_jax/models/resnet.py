@@ -1,4 +1,4 @@
-"""torchvision ResNets (v1.5: stride on the 3x3 conv) in Flax, NHWC.
+"""torchvision ResNets (v1.5: stride on the 3x3 conv), ResNeXts and wide ResNets in Flax, NHWC.
 
 Every padding is written out as torch's: Flax's 'SAME' pads asymmetrically for even
 inputs with stride 2 and would shift every feature map by a pixel.
@@ -25,11 +25,12 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
-          dtype: Any = None, fast_backward: bool = True) -> nn.Conv:
-  # fast_backward: same values, conv gradients XLA:CPU computes faster (see fast_conv).
+          dtype: Any = None, fast_backward: bool = True, groups: int = 1) -> nn.Conv:
+  # fast_backward: same values, conv gradients XLA:CPU computes faster (see fast_conv); its
+  # rewrites are for ungrouped convs, and it hands ResNeXt's grouped ones to lax unchanged.
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
-                 kernel_init=_conv_init, name=name, dtype=dtype,
+                 feature_group_count=groups, kernel_init=_conv_init, name=name, dtype=dtype,
                  conv_general_dilated=fast_conv.conv_general_dilated if fast_backward else None)
 
 
@@ -74,18 +75,26 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-  """1x1 -> 3x3 (strided) -> 1x1 convs; torchvision's Bottleneck (expansion 4)."""
+  """1x1 -> 3x3 (strided, grouped for ResNeXt) -> 1x1 convs; torchvision's Bottleneck (expansion 4).
+
+  The inner width is torch's `int(planes * base_width / 64) * groups`: `planes` for ResNet,
+  e.g. 4 x 32 groups for resnext50_32x4d's first stage, 2 x planes for the wide ResNets.
+  """
   planes: int
   stride: int = 1
   downsample: bool = False
   dtype: Any = None
   fast_backward: bool = True
+  groups: int = 1
+  base_width: int = 64
   expansion = 4
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 1, dtype=self.dtype, fast_backward=self.fast_backward)
+    width = int(self.planes * (self.base_width / 64.0)) * self.groups
+    self.conv1 = _conv(width, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward)
+    self.conv2 = _conv(width, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward,
+                       groups=self.groups)
     self.bn2 = BatchNorm()
     self.conv3 = _conv(self.planes * 4, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn3 = BatchNorm()
@@ -106,6 +115,8 @@ class Bottleneck(nn.Module):
 class ResNetSpec:
   block: str                 # 'basic' | 'bottleneck'
   stage_sizes: tuple[int, ...]
+  groups: int = 1            # torch's `groups` of the Bottleneck's 3x3 conv (ResNeXt)
+  width_per_group: int = 64  # torch's `width_per_group` (ResNeXt, wide ResNets)
 
   @property
   def block_cls(self):
@@ -121,6 +132,12 @@ ARCHS: dict[str, ResNetSpec] = {
     'resnet34': ResNetSpec('basic', (3, 4, 6, 3)),
     'resnet50': ResNetSpec('bottleneck', (3, 4, 6, 3)),
     'resnet101': ResNetSpec('bottleneck', (3, 4, 23, 3)),
+    'resnet152': ResNetSpec('bottleneck', (3, 8, 36, 3)),
+    'resnext50_32x4d': ResNetSpec('bottleneck', (3, 4, 6, 3), groups=32, width_per_group=4),
+    'resnext101_32x8d': ResNetSpec('bottleneck', (3, 4, 23, 3), groups=32, width_per_group=8),
+    'resnext101_64x4d': ResNetSpec('bottleneck', (3, 4, 23, 3), groups=64, width_per_group=4),
+    'wide_resnet50_2': ResNetSpec('bottleneck', (3, 4, 6, 3), width_per_group=128),
+    'wide_resnet101_2': ResNetSpec('bottleneck', (3, 4, 23, 3), width_per_group=128),
 }
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4')
@@ -150,8 +167,9 @@ class ResNet(nn.Module):
       for index in range(num_blocks):
         stride = 2 if (stage > 1 and index == 0) else 1
         needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
+        grouping = {} if spec.block == 'basic' else {'groups': spec.groups, 'base_width': spec.width_per_group}
         blocks.append(spec.block_cls(planes, stride, needs_downsample, self.dtype, self.fast_backward,
-                                     name=f'layer{stage}_{index}'))
+                                     name=f'layer{stage}_{index}', **grouping))
         in_planes = planes * spec.block_cls.expansion
       setattr(self, f'layer{stage}', blocks)
     self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
@@ -239,7 +257,11 @@ def torch_name_table(arch: str, include_head: bool = True) -> list[Entry]:
 FAMILY = Family(
     name='resnet',
     archs={'resnet18': 'resnet18-f37072fd.pth', 'resnet34': 'resnet34-b627a593.pth',
-           'resnet50': 'resnet50-0676ba61.pth', 'resnet101': 'resnet101-63fe2227.pth'},
+           'resnet50': 'resnet50-0676ba61.pth', 'resnet101': 'resnet101-63fe2227.pth',
+           'resnet152': 'resnet152-394f9c45.pth', 'resnext50_32x4d': 'resnext50_32x4d-7cdf4587.pth',
+           'resnext101_32x8d': 'resnext101_32x8d-8ba56ff5.pth',
+           'resnext101_64x4d': 'resnext101_64x4d-173b62eb.pth',
+           'wide_resnet50_2': 'wide_resnet50_2-95faca4d.pth', 'wide_resnet101_2': 'wide_resnet101_2-32ee1156.pth'},
     create=create_model,
     stages=STAGES,
     head='fc', head_torch='fc', head_stages=(HEAD,),
