@@ -66,3 +66,18 @@ def test_masked_moments_equal_the_weighted_formulas_with_their_gradient_in_float
     assert within(rel_err(got, want), 'rewrite_rel_f64', f'masked BN {what} vs weighted formula (rel)')
   assert np.all(np.asarray(grad_ours)[3] == 0)
   assert np.any(np.asarray(grad_ours)[:3] != 0)
+
+
+def test_max_pool_gradient_reaches_one_input_per_window_when_the_output_is_rounded_differently():
+  """Under jit XLA may compute the pool's input in two fusions an ulp apart, so the saved output
+  equals no tap of its window: every window's gradient must still reach its first maximum."""
+  from tl_jax.models.layers import _max_pool_bwd
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+  window, strides, padding = (3, 3), (2, 2), ((1, 1), (1, 1))
+  y = max_pool(x, window, strides, padding)
+  y_off = jnp.nextafter(y, jnp.inf)   # the forward's output one ulp away from every tap
+  dy = jnp.ones_like(y)
+  (dx,) = _max_pool_bwd(window, strides, padding, (x, y_off), dy)
+  (dx_exact,) = _max_pool_bwd(window, strides, padding, (x, y), dy)
+  assert float(jnp.sum(dx)) == float(jnp.sum(dy))
+  np.testing.assert_array_equal(dx, dx_exact)

@@ -108,6 +108,7 @@ def torch_to_flax(state_dict: Mapping[str, np.ndarray], arch: str,
   Raises:
     ConversionError listing every missing, unexpected and mis-shaped name.
   """
+  state_dict = family_of(arch).modern_names(state_dict)   # e.g. DenseNet's files' older names
   table = name_table(arch, include_head, base_only)
   known = {e.torch_name for e in name_table(arch, include_head=True)}
   missing = [e.torch_name for e in table if e.torch_name not in state_dict]
@@ -189,6 +190,8 @@ def guess_arch(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:
 
   Archs that share every name (EfficientNet-B1 and B2, RegNets of one depth) are told apart by
   the shapes of their tensors, from each candidate's abstract parameters (no weights computed)."""
+  for family in FAMILIES:
+    state_dict = family.modern_names(state_dict)
   keys = {k for k in state_dict if not k.endswith('num_batches_tracked')}
   candidates = [(arch, include_head) for arch in ARCHS for include_head in (True, False)
                 if {e.torch_name for e in name_table(arch, include_head)} == keys]

@@ -71,6 +71,8 @@ class Family:
       auxiliary heads returns `(logits, (aux, ...))` from `__call__(..., with_aux=True)` in train mode.
     features_are_random: arch -> whether the backbone draws at random in train mode (stochastic
       depth, dropout), so that train-phase features cannot be cached even when it is frozen.
+    modern_names: a state dict -> the same with the names torchvision's current model uses (its
+      DenseNet files hold older names that torchvision renames when loading them); identity for most.
     sized_by_input: the parameters depend on the input size (ViT's position embedding): `create`
       takes `image_size` and the module has `spec.image_size`.
     aux_heads: arch -> the Flax paths of the auxiliary heads' last layers (e.g. ('AuxLogits',
@@ -101,6 +103,7 @@ class Family:
   aux_heads: Callable[[str], tuple[tuple[str, ...], ...]] = lambda arch: ()
   features_are_random: Callable[[str], bool] = lambda arch: False
   sized_by_input: bool = False
+  modern_names: Callable[[Mapping], Mapping] = lambda state_dict: state_dict
 
   def stages_of(self, arch: str) -> tuple[str, ...]:
     """`arch`'s backbone stages, input to output."""

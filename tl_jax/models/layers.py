@@ -135,14 +135,19 @@ def _max_pool_bwd(window, strides, padding, residuals, dy_bhwc):
   x_padded = _pad_neg_inf(x_bhwc, padding)
   (sh, sw), (oh, ow) = strides, y.shape[1:3]
   hp, wp = x_padded.shape[1:3]
-  taken = jnp.zeros(y.shape, bool)
+  # Each window's first maximum in row-major order, found among the taps themselves: comparing the
+  # taps with `y` fails when XLA computes the pool's input in two fusions that differ by an ulp
+  # (no tap equals y, and the window's gradient is lost).
+  taps = list(_window_taps(x_padded, window, strides, (oh, ow)))
+  best, best_k = taps[0][1], jnp.zeros(y.shape, jnp.int32)
+  for k, (_, tap) in enumerate(taps[1:], start=1):
+    better = tap > best
+    best, best_k = jnp.where(better, tap, best), jnp.where(better, k, best_k)
   dx_padded = jnp.zeros(x_padded.shape, dy_bhwc.dtype)
-  for (i, j), tap in _window_taps(x_padded, window, strides, (oh, ow)):
-    first = (tap == y) & ~taken
-    taken = taken | first
+  for k, ((i, j), _) in enumerate(taps):
     # Back to the input grid: output pixel (r, s) read input (i + r * sh, j + s * sw).
     dx_padded = dx_padded + jax.lax.pad(
-        jnp.where(first, dy_bhwc, 0), jnp.zeros((), dy_bhwc.dtype),
+        jnp.where(best_k == k, dy_bhwc, 0), jnp.zeros((), dy_bhwc.dtype),
         ((0, 0, 0), (i, hp - i - (oh - 1) * sh - 1, sh - 1), (j, wp - j - (ow - 1) * sw - 1, sw - 1), (0, 0, 0)))
   (top, _), (left, _) = padding
   return (dx_padded[:, top:top + x_bhwc.shape[1], left:left + x_bhwc.shape[2]],)
