@@ -117,3 +117,26 @@ def test_is_a_drop_in_for_flax_conv_and_passes_other_convs_to_lax(monkeypatch):
     g_fast, g_plain = jax.grad(loss(fast))(params), jax.grad(loss(plain))(params)
     np.testing.assert_allclose(g_fast['params']['kernel'], g_plain['params']['kernel'], rtol=1e-5, atol=1e-5)
     assert bool(calls) == takes_fast_path, kwargs
+
+
+@pytest.mark.parametrize('kernel, stride, size', [(3, 1, 9), (3, 2, 10), (5, 2, 11), (7, 1, 8)])
+def test_depthwise_taps_equal_lax_in_float64_values_and_gradients(kernel, stride, size):
+  """Depthwise convolutions (MobileNet, EfficientNet, ConvNeXt, ...) as shifted taps: values, dx and
+  dW equal lax's grouped convolution, strides 1 and 2, odd and even sizes."""
+  from tl_jax.models.fast_conv import conv_general_dilated as ours
+  rng = np.random.default_rng(kernel * 10 + stride)
+  pad = ((kernel - 1) // 2,) * 2
+  with jax.enable_x64(True):
+    x = jnp.asarray(rng.standard_normal((2, size, size, 6)))
+    k = jnp.asarray(rng.standard_normal((kernel, kernel, 1, 6)))
+    dims = jax.lax.conv_dimension_numbers(x.shape, k.shape, ('NHWC', 'HWIO', 'NHWC'))
+
+    def value_and_grads(conv):
+      y, vjp = jax.vjp(lambda a, b: conv(a, b, (stride, stride), (pad, pad), dimension_numbers=dims,
+                                          feature_group_count=6), x, k)
+      return (y, *vjp(jnp.cos(y)))
+
+    got = jax.jit(lambda: value_and_grads(ours))()
+    want = jax.jit(lambda: value_and_grads(jax.lax.conv_general_dilated))()
+    for what, a, b in zip(('value', 'dx', 'dW'), got, want):
+      assert within(rel_err(a, b), 'rewrite_rel_f64', f'depthwise taps {what} float64'), what

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tl_jax.models import fast_conv
 from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, conv_entries, linear_entries
 from tl_jax.models.resnet import torch_linear_init
 
@@ -98,6 +99,8 @@ class CNBlock(nn.Module):
 
   def setup(self):
     self.dwconv = nn.Conv(self.dim, (7, 7), padding=((3, 3), (3, 3)), feature_group_count=self.dim,
+                          # XLA:CPU-friendly (depthwise: shifted taps; plain: fast_conv.conv2d)
+                          conv_general_dilated=fast_conv.conv_general_dilated,
                           kernel_init=_weight_init, dtype=self.dtype)
     self.norm = LayerNorm()
     self.fc1 = nn.Dense(4 * self.dim, kernel_init=_weight_init, dtype=self.dtype)

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tl_jax.models import fast_conv
 from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
@@ -165,7 +166,9 @@ class ConvNormAct(nn.Module):
   def __call__(self, x_bhwc: jax.Array, train: bool, mask_b: Optional[jax.Array] = None) -> jax.Array:
     pad = (self.kernel - 1) // 2   # torch's padding, on both sides ('SAME' would pad stride 2 asymmetrically)
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=False,
+                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                # XLA:CPU-friendly (depthwise: shifted taps; plain: fast_conv.conv2d)
+                conv_general_dilated=fast_conv.conv_general_dilated, use_bias=False,
                 kernel_init=_conv_init, dtype=self.dtype, name='conv')(x_bhwc)
     x = BatchNorm(momentum=self.bn_momentum, epsilon=self.bn_epsilon, name='bn')(x, train, mask_b)
     return nn.silu(x) if self.activation else x

@@ -145,18 +145,64 @@ def _conv2d_bwd(strides, padding, residuals, dy_bhwc):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def depthwise_taps(x_bhwc: jax.Array, kernel_hw1c: jax.Array, strides: tuple[int, int],
+                   padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """A depthwise convolution (one filter per channel) as a sum of shifted, per-channel scaled taps.
+
+  XLA:CPU runs depthwise convolutions (feature_group_count = channels) through a generic grouped
+  kernel about 10x slower than this fused sum, and their gradients slower still
+  (`benchmarks/bench_depthwise.py`); the taps' own gradients are the same shifted products. Sums in
+  float32 at least, as a convolution accumulates.
+  """
+  kh, kw = kernel_hw1c.shape[:2]
+  (sh, sw) = strides
+  acc = jnp.promote_types(x_bhwc.dtype, jnp.float32)
+  x_padded = jnp.pad(x_bhwc.astype(acc), ((0, 0), padding[0], padding[1], (0, 0)))
+  kernel = kernel_hw1c.astype(acc)
+  oh = (x_padded.shape[1] - kh) // sh + 1
+  ow = (x_padded.shape[2] - kw) // sw + 1
+  n, c = x_padded.shape[0], x_padded.shape[3]
+  out = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(x_padded, (0, i, j, 0), (n, i + (oh - 1) * sh + 1, j + (ow - 1) * sw + 1, c), (1, sh, sw, 1))
+      term = tap * kernel[i, j, 0]
+      out = term if out is None else out + term
+  return out.astype(x_bhwc.dtype)
+
+
+def _lax_depthwise(x_bhwc, kernel_hw1c, strides, padding):
+  return lax.conv_general_dilated(x_bhwc, kernel_hw1c, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                  feature_group_count=x_bhwc.shape[-1])
+
+
+def depthwise(x_bhwc: jax.Array, kernel_hw1c: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """Depthwise convolution: `depthwise_taps` on CPU, lax's convolution elsewhere (cuDNN has its own)."""
+  return lax.platform_dependent(x_bhwc, kernel_hw1c,
+                                cpu=functools.partial(depthwise_taps, strides=strides, padding=padding),
+                                default=functools.partial(_lax_depthwise, strides=strides, padding=padding))
+
+
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count: int = 1, precision=None,
                          preferred_element_type: Optional[jnp.dtype] = None) -> jax.Array:
   """Drop-in for `lax.conv_general_dilated` as `nn.Conv(conv_general_dilated=...)` calls it.
 
-  Plain 2-D NHWC convolutions with explicit padding take `conv2d`; anything else (dilation,
-  groups, string padding, other layouts) is passed to lax unchanged.
+  Plain 2-D NHWC convolutions with explicit padding take `conv2d`, depthwise ones (a group per
+  channel, one filter each) `depthwise`; anything else (dilation, other groups, string padding,
+  other layouts) is passed to lax unchanged.
   """
   plain = (lhs.ndim == 4 and dimension_numbers == _NHWC and feature_group_count == 1
            and not isinstance(padding, str) and preferred_element_type is None
            and all(d == 1 for d in (lhs_dilation or (1, 1)))
            and all(d == 1 for d in (rhs_dilation or (1, 1))))
+  is_depthwise = (lhs.ndim == 4 and dimension_numbers == _NHWC and feature_group_count > 1
+                  and feature_group_count == lhs.shape[-1] == rhs.shape[-1] and rhs.shape[2] == 1
+                  and not isinstance(padding, str) and preferred_element_type is None
+                  and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1))))
+  if is_depthwise:
+    return depthwise(lhs, rhs, tuple(int(s) for s in window_strides), tuple((int(lo), int(hi)) for lo, hi in padding))
   if not plain:
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision,

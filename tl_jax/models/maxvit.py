@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax.models import fast_conv
 from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
@@ -101,7 +102,9 @@ class ConvNormAct(nn.Module):
     pad = (self.kernel - 1) // 2
     # Conv2dNormActivation's bias=None means a bias only without a norm layer.
     x = nn.Conv(self.features, (self.kernel, self.kernel), strides=(self.stride, self.stride),
-                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups, use_bias=not self.norm,
+                padding=((pad, pad), (pad, pad)), feature_group_count=self.groups,
+                # XLA:CPU-friendly (depthwise: shifted taps; plain: fast_conv.conv2d)
+                conv_general_dilated=fast_conv.conv_general_dilated, use_bias=not self.norm,
                 kernel_init=_conv_init, bias_init=nn.initializers.zeros, dtype=self.dtype, name='conv')(x_bhwc)
     if self.norm:
       x = BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPS, name='bn')(x, train, mask_b)

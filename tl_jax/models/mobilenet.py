@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tl_jax.models import fast_conv
 from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
@@ -80,7 +81,9 @@ def _conv(features: int, kernel: int, stride: int = 1, groups: int = 1, use_bias
   # torch pads (k - 1) // 2 on every side; 'SAME' would pad stride-2 convs of even inputs asymmetrically.
   pad = (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 feature_group_count=groups, use_bias=use_bias, kernel_init=_conv_init,
+                 feature_group_count=groups,
+                 # XLA:CPU-friendly (depthwise: shifted taps; plain: fast_conv.conv2d)
+                 conv_general_dilated=fast_conv.conv_general_dilated, use_bias=use_bias, kernel_init=_conv_init,
                  bias_init=nn.initializers.zeros, dtype=dtype, name=name)
 
 

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tl_jax.models import fast_conv
 from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm, max_pool
 from tl_jax.models.resnet import torch_linear_init
@@ -36,7 +37,10 @@ _default_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'un
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, groups: int = 1, dtype: Any = None,
           name: Optional[str] = None) -> nn.Conv:
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
-                 feature_group_count=groups, use_bias=False, kernel_init=_default_kernel_init, dtype=dtype,
+                 feature_group_count=groups,
+                 # XLA:CPU-friendly (depthwise: shifted taps; plain: fast_conv.conv2d)
+                 conv_general_dilated=fast_conv.conv_general_dilated, use_bias=False,
+                 kernel_init=_default_kernel_init, dtype=dtype,
                  name=name)
 
 
