@@ -173,6 +173,22 @@ def test_changed_keys_name_the_key_path_and_ignore_runtime_keys():
   assert config_lib.changed_keys(a, a) == []
 
 
+def test_fault_keys_have_safe_defaults_and_a_non_finite_stop_lets_the_optimizer_change():
+  config = validate({'stages': [{'name': 'a', 'epochs': 2}]})
+  assert (config.keep_checkpoints, config.checkpoint_every, config.stages[0].on_nonfinite) == (2, None, 'stop')
+  a = config.to_dict()
+  b = validate({'keep_checkpoints': 3, 'checkpoint_every': {'minutes': 30},
+                'stages': [{'name': 'a', 'epochs': 2, 'on_nonfinite': 'skip_step',
+                            'optimizer': {'name': 'sgd', 'lr': 1e-4},
+                            'schedule': {'name': 'cosine', 'warmup_epochs': 1}}]}).to_dict()
+  # How the run is saved may change on any --resume; what it computes only after a non-finite stop.
+  assert not any(k.startswith(('keep_checkpoints', 'checkpoint_every')) for k in config_lib.changed_keys(a, b))
+  assert config_lib.changed_keys(a, b, config_lib.RUNTIME_KEYS + config_lib.NONFINITE_RETRY_KEYS) == []
+  adam = validate({'stages': [{'name': 'a', 'epochs': 2, 'optimizer': {'name': 'adam'}}]}).to_dict()
+  assert config_lib.changed_keys(a, adam, config_lib.RUNTIME_KEYS + config_lib.NONFINITE_RETRY_KEYS) == [
+      "stages[0].optimizer.name: run has 'sgd', now 'adam'"]   # the saved optimizer state would not fit
+
+
 def test_a_milestone_past_the_stage_end_is_warned():
   config = validate(_one_stage(schedule={'name': 'multistep', 'milestones': [1, 5], 'gamma': 0.5}))
   (warning,) = config_lib.recipe_warnings(config)

@@ -171,3 +171,19 @@ def test_cached_rows_are_made_once_and_give_the_same_batches_every_epoch(workers
     batches[0].images[:] = -1   # a consumer writing into its batch does not reach the kept rows
   assert sorted(calls) == list(range(7))
   assert cached.cached_row_bytes == 7 * 2 * 2 * 3 * 4 and plain.cached_row_bytes == 0
+
+
+@pytest.mark.parametrize('workers', [0, 2])
+def test_an_epoch_resumed_at_a_batch_gives_the_batches_the_whole_epoch_gives_from_there(workers):
+  loader = Loader(_samples(10), _transform, batch_size=4, shuffle=True, seed=3, workers=workers, load=_fake_load)
+  whole = list(loader.epoch(2))
+  opened = []
+  resumed = Loader(_samples(10), _transform, batch_size=4, shuffle=True, seed=3, workers=workers,
+                   load=lambda path: opened.append(path) or _fake_load(path))
+  rest = list(resumed.epoch(2, start=1))
+  assert len(rest) == 2
+  for a, b in zip(whole[1:], rest, strict=True):
+    for field in ('images', 'labels', 'mask', 'indices'):
+      np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  assert len(opened) == 6   # the first batch's images were not loaded
+  assert list(resumed.epoch(2, start=3)) == []

@@ -28,25 +28,27 @@ def test_a_workdir_that_is_a_file_or_cannot_be_created_is_refused(tmp_path):
 
 def test_an_existing_run_is_refused_without_resume_and_resumed_with_it(tmp_path):
   run = RunDir(tmp_path / 'run')
-  assert not run.resuming and run.latest_epoch() is None
-  run.save_epoch(0, _tree(1.0), {'history': [{'epoch': 0}]})
-  run.save_epoch(1, _tree(2.0), {'history': [{'epoch': 0}, {'epoch': 1}]})
+  assert not run.resuming and run.latest_path() is None
+  run.save(_tree(1.0), {'history': [{'epoch': 0}]})
+  run.save(_tree(2.0), {'history': [{'epoch': 0}, {'epoch': 1}]})
+  run.save(_tree(3.0), {'history': [{'epoch': 0}, {'epoch': 1}, {'epoch': 2}]})
   run.close()
   with pytest.raises(RunError, match='already holds a run; pass --resume'):
     RunDir(tmp_path / 'run')
   again = RunDir(tmp_path / 'run', resume=True)
-  assert again.resuming and again.latest_epoch() == 1
-  assert again.restore_meta()['history'] == [{'epoch': 0}, {'epoch': 1}]
+  assert again.resuming and again.latest_path() == tmp_path / 'run' / 'checkpoints' / '2'
   template = _tree(0.0)
-  restored = again.restore_state(template)
-  np.testing.assert_array_equal(restored['params']['fc']['kernel'], np.full((3, 2), 2.0))
-  np.testing.assert_array_equal(restored['batch_stats']['bn']['mean'], np.arange(3.0) * 2)
-  assert int(restored['step']) == 2
+  restored = again.restore(lambda meta: template)
+  assert restored.meta['history'] == [{'epoch': 0}, {'epoch': 1}, {'epoch': 2}]
+  assert restored.path == tmp_path / 'run' / 'checkpoints' / '2'
+  np.testing.assert_array_equal(restored.state['params']['fc']['kernel'], np.full((3, 2), 3.0))
+  np.testing.assert_array_equal(restored.state['batch_stats']['bn']['mean'], np.arange(3.0) * 3)
+  assert int(restored.state['step']) == 3
   # The optimizer state comes back in optax's own structure, not as plain dicts.
-  assert type(restored['opt_state']) is type(template['opt_state'])
+  assert type(restored.state['opt_state']) is type(template['opt_state'])
   again.close()
-  # Only the latest finished epoch is kept.
-  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()) == ['1']
+  # The newest two (keep_checkpoints' default) are kept, so a damaged newest one has one to fall back on.
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()) == ['1', '2']
 
 
 def test_resume_without_a_run_starts_a_new_one_and_says_so(tmp_path):

@@ -298,3 +298,17 @@ def test_unreadable_training_image_stops_the_run_unless_skipped(tmp_path):
   proc = run_script('train.py', *common, '--workdir', tmp_path / 'b', '--skip-bad-images')
   assert 'truncated.jpg' in proc.stdout + proc.stderr
   assert 'skipped 1 unreadable image' in proc.stdout
+
+
+def test_archs_lists_every_arch_and_the_readme_holds_its_table(capsys):
+  """`tl-jax archs --markdown` has a row per registered arch, and the README's architecture table
+  is that output (regenerate it with `python scripts/list_archs.py --markdown`)."""
+  from tl_jax.models import ARCHS
+  code, out, err = run_main('archs', '--markdown', capsys=capsys)
+  assert code == 0 and not err
+  rows = [line for line in out.splitlines() if line.startswith('| ') and not line.startswith('| arch ')]
+  assert [row.split(' | ')[0][2:] for row in rows] == list(ARCHS)
+  readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  assert out.strip() in readme, 'README.md: paste `python scripts/list_archs.py --markdown` into the arch table'
+  code, out, _ = run_main('archs', '--arch', 'resnet50', capsys=capsys)
+  assert code == 0 and 'IMAGENET1K_V2: resnet50-11ad3fa6.pth, Resize(232, bilinear)' in out

@@ -10,8 +10,10 @@ atomic); `load_model` accepts either, or the workdir itself.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import gc
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -53,6 +55,52 @@ def make_metadata(arch: str, num_classes: int, preprocessing: dict,
           'preprocessing': dict(preprocessing), **extra}
 
 
+def failure_reason(error: BaseException) -> str:
+  """One line on why orbax could not read or write: the first line of the innermost cause (tensorstore's
+  `OUT_OF_RANGE: Error reading ... in OCDBT database ...`), or an OSError's reason (`No space left on device`)."""
+  root = error
+  while root.__cause__ is not None:
+    root = root.__cause__
+  if isinstance(root, OSError) and root.strerror:
+    return root.strerror   # the file is one of orbax's own inside the checkpoint named with it
+  lines = str(root).strip().splitlines()
+  text = lines[0] if lines else type(root).__name__
+  return text if len(text) <= 300 else text[:297] + '...'
+
+
+def disk_full(error: BaseException) -> bool:
+  """Whether `error` or one of its causes is ENOSPC (a full disk or quota)."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    seen = seen.__cause__ or seen.__context__
+  return False
+
+
+def attempt(action: Callable[[], Any]) -> tuple[Any, Optional[str], bool]:
+  """(`action()`, None, False), or (None, reason, disk full) when orbax fails (it raises many types).
+
+  The error is dropped here, with the traceback that holds orbax's pending background reads and
+  writes, and collected while the interpreter runs: kept until shutdown, each of those printed a
+  traceback ('Event loop is closed').
+  """
+  try:
+    return action(), None, False
+  except Exception as e:  # pylint: disable=broad-except
+    reason, full = failure_reason(e), disk_full(e)
+  gc.collect()
+  return None, reason, full
+
+
+def write_failed(what: str, path: Path, reason: str, full: bool, kept: str,
+                 then: str = 'run again') -> CheckpointError:
+  """The one-line error of a checkpoint that could not be written: what, where, why, what is intact
+  and what to do."""
+  hint = 'free space on that disk' if full else 'fix the cause'
+  return CheckpointError(f'cannot write {what} {path}: {reason}. {kept}; {hint} and {then}')
+
+
 def _host(tree):
   if jax.process_count() > 1:
     # Global arrays: orbax writes each process's part; NumPy copies would be written by all.
@@ -68,23 +116,46 @@ def _model_args(variables: dict, metadata: dict) -> ocp.args.Composite:
 def save_model(directory: str | Path, variables: dict, metadata: dict, overwrite: bool = False) -> Path:
   """Writes a model checkpoint to `directory` (orbax writes to a temp dir and renames)."""
   directory = Path(directory).absolute()
-  if directory.exists() and not overwrite:
+  existed = directory.exists()
+  if existed and not overwrite:
     raise CheckpointError(f'{directory} already exists; choose another --out or remove it')
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    checkpointer.save(directory, args=_model_args(variables, metadata), force=overwrite)
+
+  def write():
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      checkpointer.save(directory, args=_model_args(variables, metadata), force=overwrite)
+
+  _, reason, full = attempt(write)
+  if reason is not None:
+    raise write_failed('the checkpoint', directory, reason, full,   # orbax removes what it overwrites first
+                       'The one there before was removed' if existed else 'Nothing was written')
   return directory
 
 
 def best_manager(workdir: str | Path) -> ocp.CheckpointManager:
-  """Keeps only the newest best epoch under WORKDIR/best/<epoch>/."""
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+  """Keeps only the newest best epoch under WORKDIR/best/<epoch>/ (and removes what a save cut short left)."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True)
   return ocp.CheckpointManager(Path(workdir).absolute() / BEST_DIR, options=options,
                                item_names=('variables', 'metadata'))
 
 
 def save_best(manager: ocp.CheckpointManager, epoch: int, variables: dict, metadata: dict) -> None:
-  manager.save(epoch, args=_model_args(variables, metadata), force=True)
-  manager.wait_until_finished()
+  """The best model so far as WORKDIR/best/<epoch>/; the previous best is removed once this one is whole."""
+  previous = manager.latest_step()
+  if epoch in manager.all_steps():
+    # A run resumed in the epoch that saved it, killed before that epoch's run checkpoint: the epoch
+    # ran again and replaces it (orbax refuses to save over a step).
+    manager.delete(epoch)
+    previous = manager.latest_step()
+
+  def write():
+    manager.save(epoch, args=_model_args(variables, metadata), force=True)
+    manager.wait_until_finished()
+
+  _, reason, full = attempt(write)
+  if reason is not None:
+    kept = f'The previous best, {BEST_DIR}/{previous}, is intact' if previous is not None else 'Nothing was written'
+    raise write_failed('the best checkpoint', Path(manager.directory) / str(epoch), reason, full, kept,
+                       'continue the run with --resume')
 
 
 def resolve_model_dir(path: str | Path) -> Path:
@@ -106,13 +177,16 @@ def resolve_model_dir(path: str | Path) -> Path:
 def load_model(path: str | Path, num_classes: Optional[int] = None) -> ModelCheckpoint:
   """Restores a model checkpoint; checks its class count against `num_classes` if given."""
   directory = resolve_model_dir(path)
-  try:
+
+  def read():
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-      restored = checkpointer.restore(directory, args=ocp.args.Composite(
+      return checkpointer.restore(directory, args=ocp.args.Composite(
           variables=ocp.args.StandardRestore(), metadata=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises many types for a damaged directory
-    raise CheckpointError(f'cannot read the checkpoint at {directory}: {type(e).__name__}: {e}. '
-                          'It may be incomplete or damaged; write it again.') from e
+
+  restored, reason, _ = attempt(read)
+  if reason is not None:
+    raise CheckpointError(f'cannot read the checkpoint at {directory}: {reason}. It is damaged or incomplete '
+                          '(a file cut short or missing); write it again, or use another checkpoint')
   metadata = dict(restored['metadata'])
   if metadata.get('format') != FORMAT:
     raise CheckpointError(f'{directory} is not a tl_jax model checkpoint (format {metadata.get("format")!r})')

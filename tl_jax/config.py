@@ -11,6 +11,9 @@ stages, BatchNorm policy, optimizer (torch's names and arguments) and per-epoch 
     - {name: finetune, epochs: 10, trainable: all, optimizer: {name: adam, lr: 0.0001}}
   seed: 0
 
+Top-level `checkpoint_every` and `keep_checkpoints` and each stage's `on_nonfinite` say how a run
+meets faults (mid-epoch checkpoints, run checkpoints kept, a non-finite step: tl_jax.training.faults).
+
 pydantic validates it, so an unknown key, a wrong type or a value out of range is reported with its
 key path (`stages[1].optimizer.lr`), the file, the value and what is allowed.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
 
@@ -214,6 +218,9 @@ class StageConfig(_Strict):
   bn: Literal['train', 'frozen'] = 'train'   # train: batch statistics while training (the tutorial's model.train())
   optimizer: OptimizerConfig = Field(default_factory=lambda: SGD(**TUTORIAL_SGD))
   schedule: ScheduleConfig = Field(default_factory=lambda: ConstantSchedule(name='constant'))
+  # A step whose loss or gradient norm is not finite: stop the run (nothing non-finite is saved), or
+  # drop that step's update and go on, as torch's GradScaler skips optimizer.step().
+  on_nonfinite: Literal['stop', 'skip_step'] = 'stop'
 
   @pydantic.field_validator('trainable', mode='before')
   @classmethod
@@ -230,12 +237,29 @@ class StageConfig(_Strict):
     return value
 
 
+class CheckpointEvery(_Strict):
+  """Run checkpoints within an epoch, for long epochs: every `steps` train steps of the run, or every
+  `minutes` minutes since the last save (one of the two)."""
+  steps: Optional[PositiveInt] = None
+  minutes: Optional[Annotated[Float, Field(gt=0)]] = None
+
+  @pydantic.model_validator(mode='after')
+  def _one_of_the_two(self):
+    if (self.steps is None) == (self.minutes is None):
+      raise ValueError('give steps or minutes, e.g. {steps: 1000} or {minutes: 30}')
+    return self
+
+
 class Config(_Strict):
   """A whole training recipe (see the module docstring)."""
   model: ModelConfig = Field(default_factory=ModelConfig)
   data: DataConfig = Field(default_factory=DataConfig)
   stages: Annotated[list[StageConfig], Field(min_length=1)]
   seed: int = 0
+  # Off by default: an epoch's own checkpoint comes often enough for short epochs (the tutorial's).
+  checkpoint_every: Optional[CheckpointEvery] = None
+  # Run checkpoints kept in WORKDIR/checkpoints/: more than one, so a damaged newest one has one to fall back on.
+  keep_checkpoints: PositiveInt = 2
 
   @pydantic.model_validator(mode='after')
   def _stages_fit_the_arch(self):
@@ -285,7 +309,16 @@ class Config(_Strict):
 
 # The keys of a run that may change on --resume: how the data is fed, not what is computed.
 RUNTIME_KEYS = ('data.workers', 'data.prefetch', 'data.tfds_download', 'data.cache_decoded', 'data.tfds_data_dir',
-                'data.uint8_batches', 'data.eval_batch_size', 'data.cache_features')
+                'data.uint8_batches', 'data.eval_batch_size', 'data.cache_features', 'checkpoint_every',
+                'checkpoint_every.steps', 'checkpoint_every.minutes', 'keep_checkpoints')
+
+# Keys that may change on --resume after a run stopped on a non-finite loss: what to try then (the
+# optimizer's hyperparameters, the schedule, the stage's policy). `[*]` stands for any stage, `.*` for
+# any key below. Not the optimizer's name: its state would not fit the saved one.
+NONFINITE_RETRY_KEYS = ('stages[*].optimizer.lr', 'stages[*].optimizer.momentum', 'stages[*].optimizer.dampening',
+                        'stages[*].optimizer.nesterov', 'stages[*].optimizer.weight_decay',
+                        'stages[*].optimizer.betas', 'stages[*].optimizer.eps', 'stages[*].optimizer.amsgrad',
+                        'stages[*].schedule.*', 'stages[*].on_nonfinite')
 
 
 # ------------------------------------------------------------------------------- loading
@@ -545,10 +578,16 @@ def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
 
 
 def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], ignore: Sequence[str] = RUNTIME_KEYS) -> list[str]:
-  """`key: run has A, now B` for every recipe key that differs (runtime keys ignored)."""
+  """`key: run has A, now B` for every recipe key that differs (the keys in `ignore` left out; there
+  `[*]` stands for any list index and a final `.*` for any key below)."""
   a, b = flatten(dict(old)), flatten(dict(new))
+
+  def ignored(key: str) -> bool:
+    wild = re.sub(r'\[\d+\]', '[*]', key)
+    return any(key == k or wild == k or (k.endswith('.*') and wild.startswith(k[:-1])) for k in ignore)
+
   return [f'{k}: run has {a.get(k)!r}, now {b.get(k)!r}' for k in sorted(set(a) | set(b))
-          if k not in ignore and a.get(k) != b.get(k)]
+          if not ignored(k) and a.get(k) != b.get(k)]
 
 
 @dataclasses.dataclass

@@ -17,8 +17,8 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
   direction.add_argument('--from-torch', metavar='SRC', help='torchvision state dict (.pth/.safetensors)')
   direction.add_argument('--to-torch', metavar='DIR', help='tl_jax checkpoint dir or training workdir')
   parser.add_argument('--out', required=True, help='checkpoint dir to create, or the .pth/.safetensors to write')
-  parser.add_argument('--arch', help='expected architecture: resnet18 | resnet34 | resnet50 | resnet101 | '
-                      'vgg11 | vgg13 | vgg16 | vgg19, each vgg also _bn (default: recognised from the file)')
+  parser.add_argument('--arch', help='expected architecture, any torchvision classifier (`tl-jax archs` lists '
+                      'them; default: recognised from the file)')
   parser.add_argument('--class-names', help="comma-separated names of the last layer's outputs")
   parser.add_argument('--overwrite', action='store_true', help='replace an existing --out')
   args = parser.parse_args(argv)

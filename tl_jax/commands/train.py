@@ -9,6 +9,10 @@
 Values come from --config, else the --strategy preset (tl_jax/presets/); flags override them.
 --epochs, --lr and --bn apply to every stage of the recipe (with --strategy two-stage, --epochs is
 the total of both stages and the second stage's lr is --lr / 10).
+
+Exit status: 0 done; 2 bad input, a checkpoint that cannot be read or written, a --workdir in use;
+3 a non-finite loss (nothing non-finite saved); 143 / 130 stopped by SIGTERM / SIGINT after saving
+where it got (a second one exits at once). After a stop, --resume continues from the last saved state.
 """
 
 import argparse
@@ -32,7 +36,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
                       help='download and prepare a TFDS set that is not prepared yet (needs network)')
   parser.add_argument('--weights', help='imagenet | a torchvision weight name (IMAGENET1K_V2, DEFAULT, ...) | '
                       'random | PATH to a .pth/.safetensors state dict')
-  parser.add_argument('--arch', help='resnet18 | resnet34 | resnet50 | resnet101 | vgg11 ... vgg19_bn')
+  parser.add_argument('--arch', help='any torchvision classifier: resnet18, vgg16, convnext_tiny, vit_b_16, ... '
+                      '(`tl-jax archs` lists them)')
   parser.add_argument('--epochs', type=int, help='epochs of every stage (two-stage: of both together)')
   parser.add_argument('--head-epochs', type=int, default=10, help='--strategy two-stage: epochs of the head stage')
   parser.add_argument('--trainable', help="stages that learn in a single-stage recipe, e.g. layer4,head (or all)")

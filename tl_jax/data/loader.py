@@ -164,15 +164,19 @@ class Loader:
     template = rows[0] if rows else self._template()
     return padded_batch(rows, template, [self.samples[i][1] for i in indices], indices, self.local_batch_size)
 
-  def epoch(self, epoch: int) -> Iterator[Batch]:
-    """The batches of `epoch`, prepared `prefetch` batches ahead by the worker threads."""
+  def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+    """The batches of `epoch`, prepared `prefetch` batches ahead by the worker threads.
+
+    `start`: the batches before it are left out, not loaded: a run resumed from a mid-epoch
+    checkpoint continues with the batches the uninterrupted epoch would have given from there.
+    """
     self.wait_seconds = 0.0
     order = self.order(epoch)
     # A chunk is the (position in the epoch, dataset index) pairs of this process's rows of one batch.
     first = self.process_index * self.local_batch_size
     positions = list(enumerate(order))
     chunks = [positions[s + first:s + first + self.local_batch_size]
-              for s in range(0, len(order), self.batch_size)]
+              for s in range(start * self.batch_size, len(order), self.batch_size)]
 
     def assemble(chunk, rows):
       return self._assemble(rows, np.array([index for _, index in chunk], np.int64))

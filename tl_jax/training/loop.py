@@ -1,7 +1,8 @@
 """The run loop: set up, resume, then for each stage set it up and run its epochs, then finish.
 
 Per epoch a train phase and a val phase, as the tutorial; the best val accuracy (strict >) over
-the whole run is kept in `best/`, the latest finished epoch in `checkpoints/` for --resume.
+the whole run is kept in `best/`, the newest run checkpoints in `checkpoints/` for --resume: one per
+finished epoch, and mid-epoch ones on SIGTERM/SIGINT or `checkpoint_every` (tl_jax.training.faults).
 `Callback`s are called at the start and end of the run, of each stage, epoch and step.
 """
 
@@ -18,11 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tl_jax import checkpoint, feature_cache, models, parallel
+from tl_jax import checkpoint, feature_cache, parallel
 from tl_jax.config import Config, recipe_warnings
 from tl_jax.data.loader import Loader
 from tl_jax.models import create_model
 from tl_jax.rundir import RunDir
+from tl_jax.training import faults
+from tl_jax.training.faults import PhaseProgress
 from tl_jax.training.features import cached_loaders, feature_plan
 from tl_jax.training.finish import TrainResult, final_outputs
 from tl_jax.training.pipeline import Pipeline, make_pipeline
@@ -74,6 +77,8 @@ class Run:
   log: Callable[[str], None]
   progress: bool
   main: bool                        # process 0: logs, writes history and figures
+  signals: faults.SignalWatcher     # SIGTERM / SIGINT: stop after the step in flight, saved
+  saves: faults.SaveSchedule        # when checkpoint_every asks for a mid-epoch checkpoint
   history: list[dict] = dataclasses.field(default_factory=list)
   best_val_acc: float = -1.0
   best_epoch: int = -1
@@ -85,81 +90,135 @@ class Run:
     return self.pipeline.data.classes
 
 
-def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress: bool,
-              desc: str, put: Callable[[dict], Any] = lambda batch: batch,
-              callbacks: Optional[Callback] = None, run: Optional[Run] = None) -> tuple[Any, dict, float]:
-  """Runs one phase; returns (state, host-summed metrics, seconds the device starved for data).
+def run_steps(step_fn, state, loader: Loader, epoch: int, train: bool, progress: bool, desc: str,
+              put: Callable[[dict], Any] = lambda batch: batch, callbacks: Optional[Callback] = None,
+              run: Optional[Run] = None, start: Optional[PhaseProgress] = None,
+              guard: Optional[Callable[[Any, faults.StepSums], None]] = None) -> tuple[Any, PhaseProgress]:
+  """Runs one phase; returns the state and how the phase went (`PhaseProgress`: host-summed metrics,
+  seconds the device starved for data, steps skipped as non-finite).
 
   Steps are dispatched asynchronously, so the host fetches batch n+1 while step n runs and the
-  device never idles between well-fed steps. Starvation is the part of a wait for data during
-  which no step was running: a wait counts when the step in flight had finished by the time
-  the batch arrived (an upper bound: it may have finished partway through), and not at all
-  when that step was still running. `put` places a host batch on the devices (split over the mesh).
-  `callbacks` hear of each step's start and end (phase `desc`), with `run` passed on.
+  device never idles between well-fed steps. Each step's sums are read once the step is done,
+  without waiting for it (`faults.StepSums`), so a non-finite step stops the phase a step or two
+  later (NonFiniteError) and the sums of an interrupted phase are at hand. Starvation is the part
+  of a wait for data during which no step was running: a wait counts when the step in flight had
+  finished by the time the batch arrived (an upper bound: it may have finished partway through),
+  and not at all when that step was still running. `put` places a host batch on the devices
+  (split over the mesh). `callbacks` hear of each step's start and end (phase `desc`), with `run`.
+
+  Args:
+    start: how far the phase got before a mid-epoch checkpoint: its batches are not loaded again
+      and its sums carry over.
+    guard: called after each step with the state and the sums so far; saves mid-epoch checkpoints
+      and stops the run on a signal (`EpochGuard`).
   """
   from tqdm.auto import tqdm
-  totals = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0.0}
-  device_sums = []
-  starved = 0.0
+  sums = faults.StepSums(dataclasses.replace(start, totals=dict(start.totals)) if start else PhaseProgress())
+  done = sums.progress
   in_flight = None
   multi_process = jax.process_count() > 1
-  batches = iter(loader.epoch(epoch))
-  with tqdm(total=len(loader), desc=desc, leave=False, disable=not progress) as bar:
+  batches = iter(loader.epoch(epoch, start=done.steps) if done.steps else loader.epoch(epoch))
+  with tqdm(total=len(loader), initial=done.steps, desc=desc, leave=False, disable=not progress) as bar:
     while True:
-      start = time.perf_counter()
+      wait_start = time.perf_counter()
       batch = next(batches, None)
       if in_flight is None or in_flight.is_ready():
-        starved += time.perf_counter() - start
+        done.starved += time.perf_counter() - wait_start
       if batch is None:
         break
+      index = sums.dispatched
       if callbacks is not None:
-        callbacks.on_step_start(run, desc, len(device_sums))
+        callbacks.on_step_start(run, desc, index)
       if train:
-        state, sums = step_fn(state, put(batch.as_dict()))
+        state, step_sums = step_fn(state, put(batch.as_dict()))
       else:
-        sums = step_fn(state, put(batch.as_dict()))
+        step_sums = step_fn(state, put(batch.as_dict()))
       if callbacks is not None:
-        callbacks.on_step_end(run, desc, len(device_sums), sums)
-      in_flight = sums['count']
+        callbacks.on_step_end(run, desc, index, step_sums)
+      in_flight = step_sums['count']
       if multi_process:
         # Across processes (gloo on CPU), steps in flight at once may enter their collectives in
         # different orders in different processes and wait on each other for ever: one at a time.
         in_flight.block_until_ready()
-      device_sums.append({k: sums[k] for k in totals})
+      sums.add(step_sums)
       bar.update()
-  # One transfer at the end: per-step float() calls would block the host on every step. The sums
-  # are replicated (global over devices and processes), so the local copy is the whole value.
-  for sums in device_sums:
-    for k in totals:
-      totals[k] += float(np.asarray(sums[k].addressable_data(0) if isinstance(sums[k], jax.Array) else sums[k]))
-  return state, totals, starved
+      if guard is not None:
+        guard(state, sums)
+  return state, sums.read_all()
+
+
+def run_phase(step_fn, state, loader: Loader, epoch: int, train: bool, progress: bool, desc: str,
+              put: Callable[[dict], Any] = lambda batch: batch, callbacks: Optional[Callback] = None,
+              run: Optional[Run] = None) -> tuple[Any, dict, float]:
+  """`run_steps` from the phase's start: (state, host-summed metrics, seconds the device starved for data)."""
+  state, done = run_steps(step_fn, state, loader, epoch, train, progress, desc, put, callbacks, run)
+  return state, done.totals, done.starved
 
 
 def run_epoch(stage: Stage, state: TrainState, train_loader: Loader, val_loader: Loader, epoch: int,
               progress: bool = False, feature_seconds: float = 0.0, callbacks: Optional[Callback] = None,
-              run: Optional[Run] = None) -> tuple[TrainState, dict]:
+              run: Optional[Run] = None, start: Optional[PhaseProgress] = None,
+              guard: Optional['EpochGuard'] = None) -> tuple[TrainState, dict]:
   """A train phase and a val phase of global `epoch`; returns the new state and the history row.
 
   The loaders may give cached features instead of images (tl_jax.feature_cache.FeatureLoader);
-  `feature_seconds`, the time spent computing them before this epoch, goes into the row.
+  `feature_seconds`, the time spent computing them before this epoch, goes into the row. `start`:
+  the train phase's progress saved by a mid-epoch checkpoint; `guard`: see `run_steps`.
   """
   put = functools.partial(parallel.shard_batch, mesh=stage.mesh)
   t0 = time.perf_counter()
-  state, train_sums, train_wait = run_phase(stage.train_fn, state, train_loader, epoch, True, progress, 'train',
-                                            put, callbacks, run)
+  state, train = run_steps(stage.train_fn, state, train_loader, epoch, True, progress, 'train', put, callbacks,
+                           run, start, guard.after_train_step if guard else None)
+  train.seconds = (start.seconds if start else 0.0) + time.perf_counter() - t0
+  if not train.totals['count']:
+    raise faults.NonFiniteError('every train step non-finite (and skipped)')
   t1 = time.perf_counter()
-  _, val_sums, _ = run_phase(stage.eval_fn, state, val_loader, epoch, False, progress, 'val', put, callbacks, run)
-  t2 = time.perf_counter()
+  val_guard = functools.partial(guard.after_val_step, train) if guard else None
+  _, val = run_steps(stage.eval_fn, state, val_loader, epoch, False, progress, 'val', put, callbacks, run,
+                     guard=val_guard)
+  val_seconds = time.perf_counter() - t1
   return state, {
       'epoch': epoch, 'stage': stage.name, 'stage_epoch': epoch - stage.first_epoch,
       'lr': stage.lrs[epoch - stage.first_epoch],
-      'train_loss': train_sums['loss_sum'] / train_sums['count'],
-      'train_acc': train_sums['correct'] / train_sums['count'],
-      'val_loss': val_sums['loss_sum'] / val_sums['count'],
-      'val_acc': val_sums['correct'] / val_sums['count'],
-      'train_seconds': t1 - t0, 'val_seconds': t2 - t1, 'seconds': t2 - t0,
-      'data_wait_seconds': train_wait, 'train_steps': len(train_loader), 'feature_seconds': feature_seconds,
+      'train_loss': train.totals['loss_sum'] / train.totals['count'],
+      'train_acc': train.totals['correct'] / train.totals['count'],
+      'val_loss': val.totals['loss_sum'] / val.totals['count'],
+      'val_acc': val.totals['correct'] / val.totals['count'],
+      'train_seconds': train.seconds, 'val_seconds': val_seconds, 'seconds': train.seconds + val_seconds,
+      'data_wait_seconds': train.starved, 'train_steps': len(train_loader), 'feature_seconds': feature_seconds,
+      'skipped_steps': train.skipped,
   }
+
+
+class EpochGuard:
+  """Within an epoch, after each step: a mid-epoch checkpoint when `checkpoint_every` asks for one, or
+  after SIGTERM/SIGINT, and then the stop. Every process of the run takes the same decision at the
+  same step (`faults.across_processes`), so all save the same step."""
+
+  def __init__(self, run: Run, epoch: int, start: Optional[PhaseProgress]):
+    self.run, self.epoch = run, epoch
+    self.seconds_before = start.seconds if start else 0.0
+    self.started = time.perf_counter()
+
+  def after_train_step(self, state: TrainState, sums: faults.StepSums) -> None:
+    run = self.run
+    signum, due = faults.across_processes(run.signals.received, run.saves.due(self.epoch, sums.dispatched))
+    if not (signum or due):
+      return
+    done = sums.read_all()   # waits for the step in flight; a non-finite one raises here, unsaved
+    done.seconds = self.seconds_before + time.perf_counter() - self.started
+    path = save_run_checkpoint(run, self.epoch, state, done)
+    if signum:
+      raise run.signals.stop(signum, f'stopped in epoch {self.epoch} after train step {done.steps} of '
+                                     f'{len(run.pipeline.train)}; saved {path}; continue it with --resume')
+
+  def after_val_step(self, train: PhaseProgress, state: TrainState, sums: faults.StepSums) -> None:
+    run = self.run
+    signum, = faults.across_processes(run.signals.received)
+    if signum:
+      path = save_run_checkpoint(run, self.epoch, state, train)   # val steps leave the state as it was
+      raise run.signals.stop(signum, f'stopped in the val phase of epoch {self.epoch}; saved {path} (its train '
+                                     'phase done); continue it with --resume')
 
 
 def setup_run(config: Config, workdir: str | Path, resume: bool, progress: bool, devices: Optional[int],
@@ -169,7 +228,17 @@ def setup_run(config: Config, workdir: str | Path, resume: bool, progress: bool,
   main = parallel.is_main_process()
   if not main:
     log, progress = (lambda _: None), False
-  run_dir = RunDir(workdir, resume, log)
+  run_dir = RunDir(workdir, resume, log, keep=config.keep_checkpoints)
+  try:
+    return _setup(config, run_dir, progress, devices, log, main)
+  except BaseException:
+    run_dir.close()   # and its lock: the directory is free again
+    raise
+
+
+def _setup(config: Config, run_dir: RunDir, progress: bool, devices: Optional[int], log: Callable[[str], None],
+           main: bool) -> tuple[Run, dict]:
+  """`setup_run`'s work once the run directory is held."""
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.data.batch_size, mesh.size, '--batch-size')
   parallel.check_batch_size(config.data.eval_batch_size, mesh.size, '--eval-batch-size')
@@ -178,8 +247,9 @@ def setup_run(config: Config, workdir: str | Path, resume: bool, progress: bool,
   weights = resolve_weights(config.model.weights, config.model.arch, progress=progress)
   pipeline = make_pipeline(config, weights.preprocessing, run_dir.path, log)
   num_classes = len(pipeline.data.classes)
-  model = create_model(config.model.arch, num_classes, dtype=_DTYPES[config.model.dtype])
-  variables = initial_variables(config.model.arch, num_classes, config.seed, weights.state_dict)
+  crop_size = weights.preprocessing.crop_size   # ViT's position embedding is built for it
+  model = create_model(config.model.arch, num_classes, dtype=_DTYPES[config.model.dtype], image_size=crop_size)
+  variables = initial_variables(config.model.arch, num_classes, config.seed, weights.state_dict, crop_size)
   metadata = checkpoint.make_metadata(
       config.model.arch, num_classes, weights.preprocessing.to_dict(), pipeline.data.classes,
       source=weights.source, data=pipeline.data.describe(), stages=[s.name for s in config.stages],
@@ -187,32 +257,46 @@ def setup_run(config: Config, workdir: str | Path, resume: bool, progress: bool,
   log(f'devices: {parallel.describe(mesh)}; batches of {config.data.batch_size} '
       f'({"uint8, normalised on the device" if pipeline.uint8 else "float32"}); compute {config.model.dtype}')
   examples = (next(iter(pipeline.train.epoch(0))).as_dict(), next(iter(pipeline.val.epoch(0))).as_dict())
-  run = Run(config, run_dir, mesh, pipeline, model, metadata, examples, log, progress, main)
+  signals = faults.SignalWatcher(lambda: str(run_dir.latest_path() or 'nothing yet (no checkpoint)'))
+  saves = faults.SaveSchedule(config.checkpoint_every, len(pipeline.train))
+  run = Run(config, run_dir, mesh, pipeline, model, metadata, examples, log, progress, main, signals, saves)
   return run, variables   # initial_variables gives {'params', 'batch_stats'} ({} without BatchNorm)
 
 
-def resume_point(run: Run, variables: dict) -> tuple[dict, int, Any, int]:
-  """(variables, first epoch to run, optimizer state and step within its stage or None, 0) of a
-  resumed run; a new run starts at epoch 0 with `variables`."""
-  if not run.dir.resuming:
-    return variables, 0, None, 0
+def _saved_epoch(meta: dict) -> int:
+  """The epoch a run checkpoint was saved in (finished, or in progress when it holds `partial`);
+  checkpoints written before mid-epoch saves existed hold finished epochs only, one history row each."""
+  return meta['epoch'] if 'epoch' in meta else len(meta['history']) - 1
+
+
+def resume_point(run: Run, variables: dict) -> tuple[dict, int, Any, int, Optional[PhaseProgress]]:
+  """(variables, first epoch to run, optimizer state and step within its stage or None, 0, the progress
+  of that epoch's train phase saved mid-epoch or None) of a resumed run, from its newest run
+  checkpoint that restores; a new run starts at epoch 0 with `variables`."""
   config = run.config
-  meta = run.dir.restore_meta()
-  run.dir.check_recipe(meta['config'], config.to_dict())
-  last = run.dir.latest_epoch()
-  saved_index, _ = config.stage_at(last)
-  # The saved optimizer state has the structure of its own stage's optimizer.
-  template, _ = setup_stage(config, saved_index, run.model, variables, len(run.pipeline.train),
-                            *run.examples, mesh=run.mesh, compile_steps=False)
-  restored = run.dir.restore_state(state_tree(template))
+
+  def template_for(meta: dict) -> dict:
+    run.dir.check_recipe(meta['config'], config.to_dict())
+    # The saved optimizer state has the structure of its own stage's optimizer.
+    template, _ = setup_stage(config, config.stage_at(_saved_epoch(meta))[0], run.model, variables,
+                              len(run.pipeline.train), *run.examples, mesh=run.mesh, compile_steps=False)
+    return state_tree(template)
+
+  restored = run.dir.restore(template_for) if run.dir.resuming else None
+  if restored is None:
+    return variables, 0, None, 0, None
+  meta, tree = restored.meta, restored.state
   run.history = meta['history']
   run.best_val_acc, run.best_epoch = meta['best_val_acc'], meta['best_epoch']
-  start_epoch = last + 1
+  epoch = _saved_epoch(meta)
+  partial = PhaseProgress.from_json(meta['partial']) if meta.get('partial') else None
+  start_epoch = epoch if partial else epoch + 1
   opt_state, step = None, 0
-  if start_epoch < config.epochs and config.stage_at(start_epoch)[0] == saved_index:
-    opt_state, step = restored['opt_state'], restored['step']
-  run.log(f'resuming {run.dir.path} after epoch {last}')
-  return {'params': restored['params'], 'batch_stats': restored['batch_stats']}, start_epoch, opt_state, step
+  if start_epoch < config.epochs and config.stage_at(start_epoch)[0] == config.stage_at(epoch)[0]:
+    opt_state, step = tree['opt_state'], tree['step']
+  run.log(f'resuming {run.dir.path} in epoch {epoch} after train step {partial.steps} of '
+          f'{len(run.pipeline.train)}' if partial else f'resuming {run.dir.path} after epoch {epoch}')
+  return {'params': tree['params'], 'batch_stats': tree['batch_stats']}, start_epoch, opt_state, step, partial
 
 
 def start_stage(run: Run, index: int, variables: dict, opt_state: Any = None, step: int = 0
@@ -222,8 +306,10 @@ def start_stage(run: Run, index: int, variables: dict, opt_state: Any = None, st
   config, pipeline = run.config, run.pipeline
   plan = feature_plan(config, index, pipeline.transforms.train.deterministic)
   example_train, example_val = run.examples
-  # Feature width of the arch (VGG's adaptive pool makes it independent of the image size).
-  num_features = models.num_features(config.model.arch)
+  # The features' width at this run's image size (SqueezeNet's, the unpooled map, depends on it),
+  # from the shapes alone.
+  num_features = jax.eval_shape(lambda v, x: run.model.apply(v, x, method='features'), variables,
+                                example_val['images'].astype(np.float32)).shape[-1]
   state, stage = setup_stage(
       config, index, run.model, variables, len(pipeline.train),
       feature_cache.example_batch(example_train, num_features) if plan.train else example_train,
@@ -254,25 +340,75 @@ def save_train_batch(run: Run) -> None:
                             transforms.train.mean, transforms.train.std, run.dir.path / 'train_batch.png')
 
 
+def check_weights(run: Run, state: TrainState, steps: int) -> None:
+  """NonFiniteError unless the weights after `steps` train steps of the epoch are finite, so no
+  non-finite model is ever saved."""
+  if not faults.weights_finite(model_variables(state)):
+    raise faults.NonFiniteError(f'non-finite weights after train step {steps} of {len(run.pipeline.train)} '
+                                '(an update too large for float32)')
+
+
+def save_run_checkpoint(run: Run, epoch: int, state: TrainState, partial: Optional[PhaseProgress] = None) -> Path:
+  """A run checkpoint of `epoch`: finished (`end_epoch` checked its weights), or within it with its
+  train phase's `partial` progress."""
+  if partial is not None:
+    check_weights(run, state, partial.steps)
+  meta = {'config': run.config.to_dict(), 'history': run.history, 'best_val_acc': run.best_val_acc,
+          'best_epoch': run.best_epoch, 'epoch': epoch, 'partial': partial.to_json() if partial else None}
+  path = run.dir.save(state_tree(state), meta)
+  run.saves.saved()
+  if partial is not None:
+    run.log(f'saved {path} (epoch {epoch}, after train step {partial.steps} of {len(run.pipeline.train)})')
+  return path
+
+
+def write_history(run: Run, **extra: Any) -> None:
+  """history.json: the recipe, the data, every finished epoch's row and the best so far (process 0)."""
+  if not run.main:
+    return
+  data = run.pipeline.data
+  run.dir.write_history({'config': run.config.to_dict(), 'class_names': data.classes, 'data': data.describe(),
+                         'devices': parallel.describe(run.mesh), 'compile_seconds': run.compile_seconds,
+                         'skipped_images': data.skipped, 'best_val_acc': run.best_val_acc,
+                         'best_epoch': run.best_epoch, 'epochs': run.history, **extra})
+
+
 def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict) -> None:
   """Logs the epoch, keeps the best model (strict >), checkpoints the run and writes history.json."""
-  config, epoch = run.config, row['epoch']
+  check_weights(run, state, row['train_steps'])
+  epoch = row['epoch']
   run.history.append(row)
   run.log(f"train Loss: {row['train_loss']:.4f} Acc: {row['train_acc']:.4f}")
   run.log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}")
+  if row['skipped_steps']:
+    run.log(f"skipped {row['skipped_steps']} of {row['train_steps']} train steps: their loss or gradient was "
+            'not finite (on_nonfinite: skip_step)')
   if row['val_acc'] > run.best_val_acc:
     run.best_val_acc, run.best_epoch = row['val_acc'], epoch
     run.dir.save_best(epoch, model_variables(state),
                       {**run.metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc']})
-  run.dir.save_epoch(epoch, state_tree(state), {'config': config.to_dict(), 'history': run.history,
-                                                'best_val_acc': run.best_val_acc, 'best_epoch': run.best_epoch})
-  if run.main:
-    data = run.pipeline.data
-    run.dir.write_history({'config': config.to_dict(), 'class_names': data.classes, 'data': data.describe(),
-                           'devices': parallel.describe(run.mesh), 'compile_seconds': run.compile_seconds,
-                           'skipped_images': data.skipped, 'best_val_acc': run.best_val_acc,
-                           'best_epoch': run.best_epoch, 'epochs': run.history})
+  save_run_checkpoint(run, epoch, state)
+  write_history(run)
   run.log('')
+
+
+def diverged(run: Run, stage: Stage, epoch: int, error: faults.NonFiniteError) -> faults.NonFiniteError:
+  """The one-line error of a non-finite step: where, what is saved, what to try; recorded in stop.json
+  (which lets --resume take a lower lr) and history.json."""
+  where = f'stage {stage.name}, epoch {epoch}'
+  if error.step is not None:
+    where += f', train step {error.step} of {len(run.pipeline.train)} (loss {error.loss:g})'
+  latest = run.dir.latest_path()
+  saved = (f'{latest} holds the last finite state (--resume continues from it)' if latest is not None
+           else 'no checkpoint was saved yet')
+  message = (f'{error} in {where}: stopped; nothing non-finite was saved, {saved}. Try a lower lr (--lr, or '
+             f'stages[{stage.index}].optimizer.lr in the recipe: --resume accepts the change), or on_nonfinite: '
+             'skip_step for the stage to skip such steps')
+  record = {'reason': 'nonfinite', 'stage': stage.name, 'epoch': epoch, 'step': error.step, 'loss': error.loss,
+            'message': message}
+  run.dir.record_stop(record)
+  write_history(run, stopped=record)
+  return faults.NonFiniteError(message, error.step, error.loss)
 
 
 def finish(run: Run, state: Optional[TrainState], elapsed: float, plots: bool, report: bool) -> TrainResult:
@@ -290,9 +426,52 @@ def finish(run: Run, state: Optional[TrainState], elapsed: float, plots: bool, r
   # The others wait for process 0's figures and evaluation, so that no process reaches JAX's
   # shutdown barrier long before the rest.
   parallel.wait_for_all('tl_jax: run finished')
-  run.dir.close()
   return TrainResult(run.history, run.best_val_acc, run.best_epoch, run.compile_seconds, state, run.class_names,
                      run.dir.path)
+
+
+def run_one_epoch(run: Run, hooks: Callback, stage: Stage, state: TrainState, loaders: tuple, epoch: int,
+                  feature_seconds: float, start: Optional[PhaseProgress]) -> TrainState:
+  """Epoch `epoch` from its start or from `start` (a mid-epoch checkpoint's), its checkpoints and history.
+
+  A signal is acted on after the step in flight (saved, then `faults.Preempted`); one that came while
+  the previous epoch ended stops the run here, where all is saved."""
+  with run.signals.deferred():
+    signum, = faults.across_processes(run.signals.received)
+    if signum:
+      raise run.signals.stop_at_once(signum)
+    config = run.config
+    run.log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
+            '\n' + '-' * 10)
+    hooks.on_epoch_start(run, epoch)
+    try:
+      state, row = run_epoch(stage, state, *loaders, epoch, run.progress, feature_seconds, hooks, run, start,
+                             EpochGuard(run, epoch, start))
+      end_epoch(run, stage, state, row)
+    except faults.NonFiniteError as e:
+      raise diverged(run, stage, epoch, e) from None
+    hooks.on_epoch_end(run, epoch, state, row)
+  return state
+
+
+def run_stages(run: Run, hooks: Callback, variables: dict, start_epoch: int, opt_state: Any, step: int,
+               start: Optional[PhaseProgress], plots: bool) -> Optional[TrainState]:
+  """The stages from `start_epoch` on (in it, from `start`); the last state (None: nothing left to run)."""
+  config, state = run.config, None
+  first_stage = config.stage_at(start_epoch)[0] if start_epoch < config.epochs else len(config.stages)
+  for index in range(first_stage, len(config.stages)):
+    state, stage, loaders, feature_seconds = start_stage(run, index, variables, opt_state, step)
+    opt_state, step = None, 0
+    if plots and run.main and start_epoch == 0 and index == 0 and start is None:
+      save_train_batch(run)
+    hooks.on_stage_start(run, stage, state)
+    for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
+      state = run_one_epoch(run, hooks, stage, state, loaders, epoch, feature_seconds,
+                            start if epoch == start_epoch else None)
+      feature_seconds = 0.0
+    hooks.on_stage_end(run, stage, state)
+    variables = model_variables(state)
+  return state
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False,
@@ -307,11 +486,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
   tl_jax.parallel); only process 0 logs and writes history, plots and the evaluation, every
   process writes its part of the checkpoints.
 
+  Faults (tl_jax.training.faults): a non-finite step stops the run with NonFiniteError (on_nonfinite:
+  stop), nothing non-finite saved; SIGTERM/SIGINT stop it with `faults.Preempted` (exit status 143 /
+  130) after saving where it got, mid-epoch; a workdir in use raises RunError, a checkpoint that
+  cannot be written CheckpointError.
+
   Args:
     config: the recipe (see configs/*.yaml and tl_jax.config).
     workdir: run directory (tl_jax.rundir): `best/` holds the best-val model checkpoint,
-      `checkpoints/` the latest finished epoch for --resume.
-    resume: continue from the latest finished epoch in `workdir`, with its optimizer state.
+      `checkpoints/` the newest run checkpoints for --resume.
+    resume: continue from the newest run checkpoint in `workdir` that restores (mid-epoch ones
+      included), with its optimizer state.
     progress: show progress bars.
     plots: write train_batch.png, predictions.png and curves.png.
     report: evaluate the best checkpoint on the val data at the end (evaluation.json, confusion.png,
@@ -321,29 +506,18 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     callbacks: `Callback`s called at the start and end of the run, of each stage, epoch and step.
   """
   run, variables = setup_run(config, workdir, resume, progress, devices, log)
-  variables, start_epoch, opt_state, step = resume_point(run, variables)
   hooks = _Callbacks(callbacks)
-  hooks.on_run_start(run)
-  state = None
-  run_start = time.perf_counter()
-  first_stage = config.stage_at(start_epoch)[0] if start_epoch < config.epochs else len(config.stages)
-  for index in range(first_stage, len(config.stages)):
-    state, stage, (train_loader, val_loader), feature_seconds = start_stage(run, index, variables, opt_state, step)
-    opt_state, step = None, 0
-    if plots and run.main and start_epoch == 0 and index == 0:
-      save_train_batch(run)
-    hooks.on_stage_start(run, stage, state)
-    for epoch in range(max(start_epoch, stage.first_epoch), stage.first_epoch + stage.epochs):
-      run.log(f'Epoch {epoch}/{config.epochs - 1}' + (f' (stage {stage.name})' if len(config.stages) > 1 else '') +
-          '\n' + '-' * 10)
-      hooks.on_epoch_start(run, epoch)
-      state, row = run_epoch(stage, state, train_loader, val_loader, epoch, run.progress, feature_seconds,
-                             hooks, run)
-      feature_seconds = 0.0
-      end_epoch(run, stage, state, row)
-      hooks.on_epoch_end(run, epoch, state, row)
-    hooks.on_stage_end(run, stage, state)
-    variables = model_variables(state)
-  result = finish(run, state, time.perf_counter() - run_start, plots, report)
+  try:
+    with run.signals:
+      variables, start_epoch, opt_state, step, start = resume_point(run, variables)
+      hooks.on_run_start(run)
+      run_start = time.perf_counter()
+      state = run_stages(run, hooks, variables, start_epoch, opt_state, step, start, plots)
+      signum, = faults.across_processes(run.signals.received)
+      if signum:   # came as the last epoch ended: all is saved
+        raise run.signals.stop_at_once(signum)
+      result = finish(run, state, time.perf_counter() - run_start, plots, report)
+  finally:
+    run.dir.close()
   hooks.on_run_end(run, result)
   return result

@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
 from tl_jax import losses
 from tl_jax.training.state import TrainState, dropout_key, model_variables
@@ -46,7 +47,8 @@ def _merge(a: Optional[Mapping], b: Optional[Mapping]) -> dict:
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module,
                trainable: Mapping[str, Any], bn_train: bool,
                loss: losses.Loss = losses.cross_entropy,
-               aux_weights: tuple[float, ...] = ()) -> tuple[TrainState, dict]:
+               aux_weights: tuple[float, ...] = (),
+               on_nonfinite: Optional[str] = None) -> tuple[TrainState, dict]:
   """One optimizer step on the mean loss of the valid rows of `batch`.
 
   Args:
@@ -65,6 +67,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
     aux_weights: the weight of each auxiliary output in the loss (Inception v3: (0.4,), GoogLeNet:
       (0.3, 0.3), as torchvision's recipes), for models that return `(logits, (aux, ...))` with
       `with_aux=True`; the metrics other than the loss come from the main logits.
+    on_nonfinite: None, 'stop' (the sums get the step's `finite` flag) or 'skip_step' (a non-finite
+      step's update is dropped and the sums say it was `skipped`): `guard_nonfinite`.
   """
   learned, fixed = _split(state.params, trainable)
   batch_stats = state.batch_stats if state.batch_stats is not None else {}
@@ -93,8 +97,33 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   # Frozen modules get zero gradients; optax.partition routes them to set_to_zero, which
   # never reads them, so XLA folds these zeros away.
   grads = _merge(learned_grads, jax.tree_util.tree_map(jnp.zeros_like, fixed) if fixed else None)
-  state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
-  return state, sums
+  new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
+  if on_nonfinite is not None:
+    return guard_nonfinite(state, new_state, sums, learned_grads, skip=on_nonfinite == 'skip_step')
+  return new_state, sums
+
+
+def guard_nonfinite(state: TrainState, new_state: TrainState, sums: dict, grads: Any,
+                    skip: bool) -> tuple[TrainState, dict]:
+  """Adds `finite` to a train step's sums: whether its loss and gradient norm are finite.
+
+  One flag reduced on the device (one pass over the gradients), read by the host with the other sums
+  once the step is done, so checking costs the step no wait. (An update too large for float32 can
+  still overflow finite weights: the run checks the weights before it saves them.) With `skip` the
+  flag is `skipped` (not finite) instead, and a
+  skipped step keeps `state`'s weights, BatchNorm statistics and optimizer moments, as torch's
+  GradScaler skips `optimizer.step()`; the integer counts (the step, the optimizer's and the
+  schedule's) move on, so the lr still changes on the epochs' boundaries (torch's Adam alone would
+  not count the skipped step). Its sums are zeros: the epoch's metrics are those of the steps taken.
+  """
+  finite = jnp.isfinite(sums['loss_sum']) & jnp.isfinite(optax.tree.norm(grads))
+  if skip:
+    def keep(new, old):
+      return jnp.where(finite, new, old) if jnp.issubdtype(new.dtype, jnp.inexact) else new
+    new_state = jax.tree_util.tree_map(keep, new_state, state)
+    sums = {k: jnp.where(finite, v, jnp.zeros_like(v)) for k, v in sums.items()}
+    return new_state, {**sums, 'skipped': ~finite}
+  return new_state, {**sums, 'finite': finite}
 
 
 def features_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Module) -> dict:
