@@ -122,7 +122,7 @@ def test_masked_batch_norm_equals_torch_on_the_smaller_batch():
                 'masked BN running stats (abs)')
 
 
-@pytest.mark.parametrize('arch', ['resnet18', 'resnet34'])
+@pytest.mark.parametrize('arch', ['resnet18', pytest.param('resnet34', marks=pytest.mark.slow)])
 def test_cross_entropy_gradients_match_torch(arch):
   tmodel, model, variables = _pair(arch)
   tmodel.train()

@@ -103,8 +103,10 @@ def _jax_run(variables, strategy, bn, images, labels):
   return losses, state, step
 
 
-@pytest.mark.parametrize('strategy', ['frozen', 'finetune'])
-@pytest.mark.parametrize('bn', ['train', 'frozen'])
+# The tutorial's two recipes (bn: train) in the default tier, the frozen-BN variants in the slow one.
+@pytest.mark.parametrize('strategy, bn', [('frozen', 'train'), ('finetune', 'train'),
+                                          pytest.param('frozen', 'frozen', marks=pytest.mark.slow),
+                                          pytest.param('finetune', 'frozen', marks=pytest.mark.slow)])
 def test_five_sgd_steps_match_pytorch_in_float64(augmented, strategy, bn):
   """Both frameworks in float64, so that any difference left is the algorithm's, not rounding.
 
@@ -353,6 +355,7 @@ class _Recorder:
     self.calls.append('run_end')
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_calls_its_extension_points_and_resumes_after_a_crash_in_process(tmp_path):
   """The real loop, head only on a generated 40x48 folder: a run that dies after epoch 0 and is resumed
   ends with the uninterrupted run's numbers; callbacks hear every run, stage, epoch and step."""
