@@ -37,8 +37,8 @@ class TwoHeads(nn.Module):
     return {'label': nn.Dense(3, name='label')(features_bd), 'box': nn.Dense(4, name='box')(features_bd)}
 
 
-@pytest.mark.parametrize('arch, size', [('resnet18', 64), pytest.param('resnet101', 64, marks=pytest.mark.slow),
-                                        pytest.param('vgg11_bn', 64, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('arch, size', [('resnet18', 64), ('resnet101', 64), ('vgg11_bn', 64)])
 def test_backbone_features_equal_torchs_children_but_the_last(arch, size):
   """ResNet: nn.Sequential(*children()[:-1]) flattened; VGG: features + avgpool flattened."""
   torch = pytest.importorskip('torch')
@@ -69,6 +69,7 @@ def test_heads_are_fresh_and_a_wrong_base_is_refused():
     init_transfer_variables(model, jax.random.PRNGKey(0), state_dict_numpy(random_torchvision_model('resnet34', 2)))
 
 
+@pytest.mark.slow
 def test_freezing_names_each_head():
   model = TransferModel('resnet18', BoxHead())
   params = init_transfer_variables(model, jax.random.PRNGKey(0), image_size=32)['params']

@@ -92,6 +92,7 @@ def test_loader_batch_builds_the_batches_of_loader_epoch(tmp_path):
 
 
 @pytest.mark.parametrize('workers', [0, 1])
+@pytest.mark.slow
 def test_grain_workers_yield_the_loader_batches_epoch_after_epoch(tmp_path, monkeypatch, workers):
   pytest.importorskip('grain')
   # Spawned grain workers import tl_jax: the worktree's, not an installed copy.

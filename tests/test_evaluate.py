@@ -161,6 +161,7 @@ def test_unreadable_image_stops_unless_skipped(tmp_path, small_variables):
   assert '(1 unreadable skipped)' in evaluate.format_report(report)
 
 
+@pytest.mark.slow
 def test_evaluate_model_equals_a_direct_forward(tmp_path, small_variables):
   from tl_jax.data.loader import Loader
   ckpt = checkpoint.load_model(_small_checkpoint(tmp_path / 'ckpt', small_variables))

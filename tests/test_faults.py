@@ -331,6 +331,7 @@ def _send(signum):
   return lambda: os.kill(os.getpid(), signum)
 
 
+@pytest.mark.slow
 def test_signals_save_mid_epoch_and_the_run_resumed_from_there_ends_as_the_uninterrupted_one(data, tmp_path,
                                                                                             straight):
   """SIGINT (Ctrl-C) in epoch 0's val phase, then SIGTERM after train step 1 of epoch 1 of the resumed
@@ -357,6 +358,7 @@ def test_signals_save_mid_epoch_and_the_run_resumed_from_there_ends_as_the_unint
   _assert_same_run(resumed.history, straight)
 
 
+@pytest.mark.slow
 def test_step_checkpoints_resume_mid_epoch_after_a_crash(data, tmp_path, straight):
   class Crash(Exception):
     pass

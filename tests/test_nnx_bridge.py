@@ -19,7 +19,8 @@ def _linen_logits(model, variables, images):
   return np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images))
 
 
-@pytest.mark.parametrize('arch', ['resnet18', pytest.param('vgg11_bn', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', ['resnet18', 'vgg11_bn'])
 def test_nnx_module_gives_the_linen_logits(arch):
   model = create_model(arch, 3)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)

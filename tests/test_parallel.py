@@ -187,6 +187,7 @@ def test_partial_distributed_flags():
     parallel.initialize_distributed('localhost', 2, 1)
 
 
+@pytest.mark.slow
 def test_unreachable_coordinator_is_one_line_after_a_bounded_wait():
   port = _free_port()  # nothing listens there
   start = time.monotonic()

@@ -119,6 +119,7 @@ def test_save_overwrites_existing_file(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['curves.png']
 
 
+@pytest.mark.slow
 def test_figures_are_freed(tmp_path):
   from matplotlib.figure import Figure
   for i in range(2):

@@ -182,6 +182,7 @@ def test_cross_entropy_gradients_match_torch_in_float64(arch):
   assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), worst
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_stats_and_logits():
   """dtype=bfloat16: convs and fc in bf16; params, BN statistics and logits stay float32, near f32's."""
   tmodel, model, variables = _pair('resnet18')

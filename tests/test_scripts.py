@@ -57,6 +57,7 @@ def make_folder(root: Path, per_class: int = 4, val_per_class: int = 2, size=(96
   return root
 
 
+@pytest.mark.slow
 def test_convert_predict_and_back_match_torchvision(tmp_path, capsys):
   """`tl-jax convert` and `tl-jax predict` in this process (the scripts are shims over them)."""
   torch = pytest.importorskip('torch')
@@ -163,6 +164,7 @@ def run_main(command, *args, capsys):
   return info.value.code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_train_refuses_bad_flags_and_missing_data(tmp_path, capsys):
   def train(*args):
     code, _, err = run_main('train', *args, capsys=capsys)

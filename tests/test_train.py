@@ -201,6 +201,7 @@ def test_eval_step_masks_padding_rows():
 
 
 @pytest.mark.parametrize('strategy', ['frozen', 'finetune'])
+@pytest.mark.slow
 def test_first_sgd_steps_match_pytorch_in_float32(augmented, strategy):
   """The float32 path the trainer runs: the first loss (the forward alone) equals torch's; the second,
   after one update from float32 gradients, is at least as close to the float64 run as torch's float32.

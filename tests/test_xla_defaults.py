@@ -42,6 +42,7 @@ def _run(code, **env):
                         env={**environ, **env})
 
 
+@pytest.mark.slow
 def test_the_installed_jaxlib_accepts_the_flag_and_a_jitted_conv_runs():
   """XLA aborts the process on a flag it does not know; importing tl_jax must not do that."""
   code = ('import os, tl_jax, jax, jax.numpy as jnp\n'
@@ -77,6 +78,7 @@ def _ynn_fusions(compiled) -> int:
   return text[text.index('ENTRY'):].count('%ynn_fusion')
 
 
+@pytest.mark.slow
 def test_forward_steps_compile_without_ynnpack_fusions():
   """The eval step the train loop compiles carries the forward options, and XLA honours them:
   the same step compiled with the process's settings alone still has YNNPACK fusions."""
