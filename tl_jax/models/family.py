@@ -45,6 +45,16 @@ def bn_entries(torch_prefix: str, flax_path: tuple[str, ...]) -> list[Entry]:
   ]
 
 
+def check_create_args(arch: str, archs: Mapping, num_classes: int, fast_backward: Optional[bool]) -> None:
+  """The checks every family's `create` makes: a known arch, a class count, no ResNet-only option."""
+  if arch not in archs:
+    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(archs)}')
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  if fast_backward:
+    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
   """One model family.

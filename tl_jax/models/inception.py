@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, bn_entries, conv_entries, linear_entries
+from tl_jax.models.family import (HEAD as HEAD_STAGE, Entry, Family, bn_entries,
+                                  check_create_args, conv_entries, linear_entries)
 from tl_jax.models.layers import BatchNorm, max_pool
 from tl_jax.models.resnet import torch_linear_init
 
@@ -274,10 +275,7 @@ class Inception3(nn.Module):
 
 def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> Inception3:
   """Inception v3 with `num_classes`-way `fc` and `AuxLogits.fc`, computing in `dtype` (None: float32)."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   return Inception3(arch=arch, num_classes=num_classes, dtype=dtype)
 
 

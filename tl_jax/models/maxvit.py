@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tl_jax.models import fast_conv
-from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
+from tl_jax.models.family import HEAD, Entry, Family, bn_entries, check_create_args, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
 
@@ -390,10 +390,7 @@ class MaxVit(nn.Module):
 
 def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> MaxVit:
   """MaxVit for `arch` (one of ARCHS) with a `num_classes`-way `classifier_5`."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   return MaxVit(arch=arch, num_classes=num_classes, dtype=dtype)
 
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from tl_jax.models import fast_conv
-from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, bn_entries, conv_entries, linear_entries
+from tl_jax.models.family import (HEAD as HEAD_STAGE, Entry, Family, bn_entries,
+                                  check_create_args, conv_entries, linear_entries)
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
 
@@ -176,10 +177,7 @@ class MNASNet(nn.Module):
 
 def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> MNASNet:
   """MNASNet `arch` (one of ARCHS) with a `num_classes`-way `classifier_1`, computing in `dtype` (None: float32)."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   return MNASNet(arch=arch, num_classes=num_classes, dtype=dtype)
 
 

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
+from tl_jax.models.family import HEAD, Entry, Family, bn_entries, check_create_args, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
 
@@ -221,12 +221,7 @@ class RegNet(nn.Module):
 
 def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> RegNet:
   """RegNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype`."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   return RegNet(arch=arch, num_classes=num_classes, dtype=dtype)
 
 

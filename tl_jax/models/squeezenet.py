@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, conv_entries
+from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, check_create_args, conv_entries
 from tl_jax.models.layers import max_pool
 from tl_jax.models.resnet import torch_linear_init
 
@@ -160,12 +160,7 @@ class SqueezeNet(nn.Module):
 def create_model(arch: str, num_classes: int, dtype: Any = None,
                  fast_backward: Optional[bool] = None) -> SqueezeNet:
   """SqueezeNet `arch` (one of ARCHS) with a `num_classes`-way final conv, computing in `dtype` (None: float32)."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if num_classes < 1:
-    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   return SqueezeNet(arch=arch, num_classes=num_classes, dtype=dtype)
 
 

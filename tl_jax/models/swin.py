@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family
+from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, check_create_args
 from tl_jax.models.resnet import torch_linear_init
 
 
@@ -408,10 +408,7 @@ class SwinTransformer(nn.Module):
 def create_model(arch: str, num_classes: int, dtype: Any = None,
                  fast_backward: Optional[bool] = None) -> SwinTransformer:
   """Swin for `arch` (one of ARCHS) with a `num_classes`-way `head`."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   return SwinTransformer(arch=arch, num_classes=num_classes, dtype=dtype)
 
 

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.family import HEAD, Entry, Family, conv_entries, linear_entries
+from tl_jax.models.family import HEAD, Entry, Family, check_create_args, conv_entries, linear_entries
 from tl_jax.models.resnet import torch_linear_init
 
 LAYER_NORM_EPS = 1e-6   # torchvision's partial(nn.LayerNorm, eps=1e-6)
@@ -223,10 +223,7 @@ def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: 
   """VisionTransformer for `arch` (one of ARCHS) with a `num_classes`-way head, for `image_size`
   inputs (None: the arch's native size; the SWAG weights fix 384 or 518, as torchvision's
   builder sets `image_size` from the weights)."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
-  if fast_backward:
-    raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
+  check_create_args(arch, ARCHS, num_classes, fast_backward)
   spec = None if image_size is None else dataclasses.replace(ARCHS[arch], image_size=image_size)
   return VisionTransformer(arch=arch, num_classes=num_classes, dtype=dtype, spec=spec)
 
