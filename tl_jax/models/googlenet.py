@@ -17,9 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tl_jax.models.family import (HEAD as HEAD_STAGE, Entry, Family, bn_entries,
-                                  check_create_args, conv_entries, linear_entries)
-from tl_jax.models.inception import BasicConv2d, transform_input
+from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, check_create_args, linear_entries
+from tl_jax.models.inception import BasicConv2d, basic_conv_entries, transform_input
 from tl_jax.models.layers import max_pool
 from tl_jax.models.resnet import torch_linear_init
 from tl_jax.models.vgg import adaptive_avg_pool
@@ -215,22 +214,18 @@ def stage_of(module_name: str) -> Optional[str]:
   return module_name if module_name in STAGES else None
 
 
-def _basic_conv_entries(torch_prefix: str, path: tuple[str, ...]) -> list[Entry]:
-  return conv_entries(f'{torch_prefix}.conv', path + ('conv',)) + bn_entries(f'{torch_prefix}.bn', path + ('bn',))
-
-
 def torch_name_table(arch: str, include_head: bool = True) -> list[Entry]:
   """Every tensor of torchvision's state dict (built with aux_logits=True, as the weight file is), in
   its order. Without the head, `aux1.fc2` and `aux2.fc2` are left out too: all are num_classes wide."""
   del arch
   table = []
   for name in STEM:
-    table += _basic_conv_entries(name, (name,))
+    table += basic_conv_entries(name, (name,))
   for name, _ in INCEPTIONS:
     for branch in ('branch1', 'branch2.0', 'branch2.1', 'branch3.0', 'branch3.1', 'branch4.1'):
-      table += _basic_conv_entries(f'{name}.{branch}', (name, branch.replace('.', '_')))
+      table += basic_conv_entries(f'{name}.{branch}', (name, branch.replace('.', '_')))
   for aux in AUX_NAMES:
-    table += _basic_conv_entries(f'{aux}.conv', (aux, 'conv'))
+    table += basic_conv_entries(f'{aux}.conv', (aux, 'conv'))
     layers = ('fc1', 'fc2') if include_head else ('fc1',)
     for layer in layers:
       table += [Entry(e.torch_name, e.collection, (aux,) + e.path, e.kind)

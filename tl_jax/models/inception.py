@@ -286,7 +286,8 @@ def stage_of(module_name: str) -> Optional[str]:
   return module_name if module_name in STAGES else None
 
 
-def _basic_conv_entries(torch_prefix: str, path: tuple[str, ...]) -> list[Entry]:
+def basic_conv_entries(torch_prefix: str, path: tuple[str, ...]) -> list[Entry]:
+  """A BasicConv2d's tensors (its conv, its BatchNorm); GoogLeNet's are the same module."""
   return conv_entries(f'{torch_prefix}.conv', path + ('conv',)) + bn_entries(f'{torch_prefix}.bn', path + ('bn',))
 
 
@@ -296,13 +297,13 @@ def torch_name_table(arch: str, include_head: bool = True) -> list[Entry]:
   del arch
   table = []
   for name, *_ in STEM:
-    table += _basic_conv_entries(name, (name,))
+    table += basic_conv_entries(name, (name,))
   for name, kind, arg in MIXED:
     for conv, *_ in _BLOCK_CONVS[kind](arg):
-      table += _basic_conv_entries(f'{name}.{conv}', (name, conv))
+      table += basic_conv_entries(f'{name}.{conv}', (name, conv))
     if name == 'Mixed_6e':   # torch defines AuxLogits between Mixed_6e and Mixed_7a
       for conv, *_ in AUX_CONVS:
-        table += _basic_conv_entries(f'{AUX}.{conv}', (AUX, conv))
+        table += basic_conv_entries(f'{AUX}.{conv}', (AUX, conv))
       if include_head:
         table += [Entry(e.torch_name, e.collection, (AUX,) + e.path, e.kind)
                   for e in linear_entries(f'{AUX}.fc', 'fc')]
