@@ -249,9 +249,14 @@ def replace_head(variables: Mapping, fresh_variables: Mapping, arch: Optional[st
     family = family_of(arch)
     head, aux_heads = family.head, family.aux_heads(arch)
   else:
-    heads = list(dict.fromkeys(f.head for f in FAMILIES if f.head in fresh_variables['params']))
-    if len(heads) != 1:
-      raise ConversionError(f'cannot tell the head among {sorted(fresh_variables["params"])}')
+    # The family whose modules these are (VGG's tree also holds a `classifier_3`, another family's
+    # head), else the one family head name present.
+    try:
+      heads = [models.family_of_names(fresh_variables['params']).head]
+    except ValueError:
+      heads = list(dict.fromkeys(f.head for f in FAMILIES if f.head in fresh_variables['params']))
+    if len(heads) != 1 or heads[0] not in fresh_variables['params']:
+      raise ConversionError(f'cannot tell the head among {sorted(fresh_variables["params"])}; pass the arch')
     head, aux_heads = heads[0], ()
   params = {k: v for k, v in variables['params'].items() if k != head}
   params[head] = fresh_variables['params'][head]
