@@ -108,12 +108,31 @@ def measure(batch, ci, co, size, repeats, methods=('xla', 2, 4)):
   return row
 
 
+def policy(rows, margin):
+  """{'measured': ..., 'shapes': [{ci, co, size, batch, forward, dx, dw}]}: per op the faster tile
+  size when it takes at most `margin` of XLA's time (and its float32 error is below 1e-5), else 0."""
+  shapes = []
+  for row in rows:
+    entry = {k: row[k] for k in ('ci', 'co', 'size', 'batch')}
+    for i, op in enumerate(('forward', 'dx', 'dw')):
+      best = min((2, 4), key=lambda m: row[f'f{m}'][op])
+      fast = row[f'f{best}'][op] <= margin * row['xla'][op] and row[f'f{best}']['errors'][i] < 1e-5
+      entry[op] = best if fast else 0
+    shapes.append(entry)
+  return {'measured': f'benchmarks/bench_winograd.py, margin {margin}, {time.strftime("%Y-%m-%d")}, '
+                      f'{jax.devices()[0].device_kind}', 'shapes': shapes}
+
+
 def main() -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--batch', default='4,32', help='comma-separated batch sizes')
   parser.add_argument('--nets', default='resnet18,vgg16')
   parser.add_argument('--repeats', type=int, default=5)
   parser.add_argument('--json', help='also write the rows to this file')
+  parser.add_argument('--policy', help='write the Winograd policy (tl_jax/models/winograd_policy.json): per shape '
+                                       'and op the tile size that beat XLA by --margin, else 0')
+  parser.add_argument('--margin', type=float, default=0.9,
+                      help='Winograd is kept where it takes at most this share of XLA\'s time (default 0.9)')
   args = parser.parse_args()
   rows = []
   print('| net | batch | Ci->Co @ size | GFLOP | op | XLA direct ms | F(2x2) ms | F(4x4) ms | torch ms '
@@ -130,6 +149,9 @@ def main() -> int:
                 f"{row['f2']['errors'][i]:.1e} | {row['f4']['errors'][i]:.1e} |", flush=True)
   if args.json:
     Path(args.json).write_text(json.dumps(rows, indent=1))
+  if args.policy:
+    Path(args.policy).write_text(json.dumps(policy(rows, args.margin), indent=1) + '\n')
+    print(f'wrote {args.policy}')
   return 0
 
 

@@ -67,3 +67,65 @@ def test_jitted_and_differentiated_inside_a_model_step():
   ref = loss(_direct)(x, k)
   for a, b in zip(ours, ref):
     assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize('ops', [(2, 0, 4), (0, 4, 0), (4, 2, 2)])
+def test_a_plan_mixing_winograd_and_direct_ops_is_exact_in_float64(ops):
+  """Each of forward, dx and dW runs as its planned tile size or as the direct conv."""
+  rng = np.random.default_rng(sum(ops))
+  with jax.enable_x64(True):
+    x, k, dy = (jnp.asarray(rng.standard_normal(s)) for s in ((2, 7, 7, 3), (3, 3, 3, 4), (2, 7, 7, 4)))
+
+    def value_and_grads(conv):
+      y, vjp = jax.vjp(conv, x, k)
+      return (y, *vjp(dy))
+
+    ours = jax.jit(lambda: value_and_grads(lambda a, b: winograd.planned_conv3x3(a, b, ops)))()
+    ref = value_and_grads(_direct)
+  for what, a, b in zip(('values', 'dx', 'dW'), ours, ref):
+    assert within(rel_err(a, b), 'rewrite_rel_f64', f'Winograd plan {ops}: {what}')
+
+
+def _resnet18_policy(batch):
+  shapes = [(64, 64, 8), (128, 128, 4), (256, 256, 2), (512, 512, 1)]   # resnet18's 3x3 stride-1 shapes at 32 px
+  return {(c, c, s, batch): (2, 4, 2) for c, _, s in shapes}
+
+
+def test_models_take_winograd_where_the_policy_says_and_equal_the_direct_model(monkeypatch):
+  """resnet18 with every 3x3 stride-1 conv planned as Winograd: float64 logits and gradients equal the
+  direct model's; the policy is consulted only with winograd on, and an empty policy changes nothing."""
+  from tl_jax.models import create_model, init_variables
+  from tl_jax import losses
+  calls = []
+  monkeypatch.setattr(winograd, 'policy', lambda: calls.append(1) or _resnet18_policy(2))
+  rng = np.random.default_rng(0)
+  with jax.enable_x64(True):
+    on, off = create_model('resnet18', 3), create_model('resnet18', 3, winograd=False)
+    assert on.winograd and not off.winograd
+    variables = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), init_variables(off, jax.random.PRNGKey(0)))
+    x = jnp.asarray(rng.standard_normal((2, 32, 32, 3)))
+    batch = {'labels': jnp.asarray([0, 2]), 'mask': jnp.ones(2, bool)}
+
+    def loss_and_grads(model):
+      def loss(params):
+        logits = model.apply({**variables, 'params': params}, x, train=False)
+        return losses.cross_entropy(logits, batch)['loss_sum']
+      return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+    (l_on, g_on), (l_off, g_off) = loss_and_grads(on), loss_and_grads(off)
+    assert calls, 'the Winograd model never consulted the policy'
+    n_calls = len(calls)
+    loss_and_grads(off)
+    assert len(calls) == n_calls, 'the direct model consulted the policy'
+  assert within(abs(float(l_on) - float(l_off)) / abs(float(l_off)), 'rewrite_rel_f64', 'resnet18 with Winograd: loss')
+  worst = max(rel_err(a, b) for a, b in zip(jax.tree_util.tree_leaves(g_on), jax.tree_util.tree_leaves(g_off)))
+  assert within(worst, 'rewrite_rel_f64', 'resnet18 with Winograd: every gradient')
+  # A shape outside the policy keeps the direct path.
+  assert winograd.plan((2, 9, 9, 64), (3, 3, 64, 64)) == (0, 0, 0)
+
+
+def test_winograd_is_refused_for_families_without_it():
+  from tl_jax.models import create_model
+  with pytest.raises(ValueError, match='built for the ResNets and VGG, not mobilenet_v2'):
+    create_model('mobilenet_v2', 3, winograd=True)
+  assert create_model('mobilenet_v2', 3, winograd=False).arch == 'mobilenet_v2'

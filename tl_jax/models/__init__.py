@@ -27,13 +27,20 @@ from tl_jax.models.vgg import VGG
 FEATURES = 'features'
 
 
+# The families whose create takes `winograd` (3x3 stride-1 convs as Winograd on CPU where measured faster).
+WINOGRAD_FAMILIES = ('resnet', 'vgg')
+
+
 def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optional[bool] = None,
-                 image_size: Optional[int] = None) -> nn.Module:
+                 image_size: Optional[int] = None, winograd: Optional[bool] = None) -> nn.Module:
   """torchvision's `arch` (one of ARCHS) with a `num_classes`-way last layer.
 
   `image_size`: the input size, for the families whose parameters depend on it (ViT: the
   weights' crop size, as torchvision's builder takes it from the weights); None: the arch's
   native size. The other families take any size and ignore it.
+
+  `winograd` (ResNets and VGG; None: on): 3x3 stride-1 convolutions as Winograd on CPU where
+  `benchmarks/bench_winograd.py` measured it faster (tl_jax.models.winograd); False: direct.
 
   Options a family has (the ResNets: `dtype`, the compute dtype of convolutions and matmuls,
   e.g. jnp.bfloat16, None: float32; `fast_backward`, XLA:CPU-friendly conv gradients, None:
@@ -42,9 +49,15 @@ def create_model(arch: str, num_classes: int, dtype=None, fast_backward: Optiona
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   family = family_of(arch)
+  extra = {}
   if family.sized_by_input and image_size is not None:
-    return family.create(arch, num_classes, dtype=dtype, fast_backward=fast_backward, image_size=image_size)
-  return family.create(arch, num_classes, dtype=dtype, fast_backward=fast_backward)
+    extra['image_size'] = image_size
+  # `winograd` False / None is every family's default; True is refused where there is no Winograd.
+  if family.name in WINOGRAD_FAMILIES:
+    extra['winograd'] = winograd
+  elif winograd:
+    raise ValueError(f'winograd convolutions are built for the ResNets and VGG, not {arch}')
+  return family.create(arch, num_classes, dtype=dtype, fast_backward=fast_backward, **extra)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, image_size: Optional[int] = None) -> dict:

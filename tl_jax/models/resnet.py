@@ -9,14 +9,17 @@ Submodule names mirror torchvision's (`layer1_0` is `layer1.0`) so the torch nam
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from tl_jax.models import fast_conv
+from tl_jax.models import winograd as winograd_conv
 from tl_jax.models.family import HEAD, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm, max_pool
 
@@ -25,13 +28,16 @@ _conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
 def _conv(features: int, kernel: int, stride: int = 1, padding: int = 0, name: Optional[str] = None,
-          dtype: Any = None, fast_backward: bool = True, groups: int = 1) -> nn.Conv:
+          dtype: Any = None, fast_backward: bool = True, groups: int = 1, winograd: bool = False) -> nn.Conv:
   # fast_backward: same values, conv gradients XLA:CPU computes faster (see fast_conv); its
   # rewrites are for ungrouped convs, and it hands ResNeXt's grouped ones to lax unchanged.
+  # winograd: the 3x3 stride-1 convs the measured policy marks run as Winograd on CPU (tl_jax.models.winograd).
+  direct = fast_conv.conv_general_dilated if fast_backward else lax.conv_general_dilated
+  conv_fn = functools.partial(winograd_conv.conv_general_dilated, fallback=direct) if winograd else direct
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((padding, padding), (padding, padding)), use_bias=False,
                  feature_group_count=groups, kernel_init=_conv_init, name=name, dtype=dtype,
-                 conv_general_dilated=fast_conv.conv_general_dilated if fast_backward else None)
+                 conv_general_dilated=conv_fn)
 
 
 def torch_linear_init(fan_in: int):
@@ -55,12 +61,15 @@ class BasicBlock(nn.Module):
   downsample: bool = False
   dtype: Any = None
   fast_backward: bool = True
+  winograd: bool = False
   expansion = 1
 
   def setup(self):
-    self.conv1 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward)
+    self.conv1 = _conv(self.planes, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward,
+                       winograd=self.winograd)
     self.bn1 = BatchNorm()
-    self.conv2 = _conv(self.planes, 3, 1, 1, dtype=self.dtype, fast_backward=self.fast_backward)
+    self.conv2 = _conv(self.planes, 3, 1, 1, dtype=self.dtype, fast_backward=self.fast_backward,
+                       winograd=self.winograd)
     self.bn2 = BatchNorm()
     if self.downsample:
       self.downsample_conv = _conv(self.planes, 1, self.stride, 0, dtype=self.dtype,
@@ -87,6 +96,7 @@ class Bottleneck(nn.Module):
   fast_backward: bool = True
   groups: int = 1
   base_width: int = 64
+  winograd: bool = False
   expansion = 4
 
   def setup(self):
@@ -94,7 +104,7 @@ class Bottleneck(nn.Module):
     self.conv1 = _conv(width, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn1 = BatchNorm()
     self.conv2 = _conv(width, 3, self.stride, 1, dtype=self.dtype, fast_backward=self.fast_backward,
-                       groups=self.groups)
+                       groups=self.groups, winograd=self.winograd)
     self.bn2 = BatchNorm()
     self.conv3 = _conv(self.planes * 4, 1, dtype=self.dtype, fast_backward=self.fast_backward)
     self.bn3 = BatchNorm()
@@ -156,6 +166,8 @@ class ResNet(nn.Module):
   dtype: Any = None
   # True: conv gradients through tl_jax's XLA:CPU rewrites (see create_model); same values.
   fast_backward: bool = True
+  # True: 3x3 stride-1 convs as Winograd on CPU where the measured policy says it is faster (create_model).
+  winograd: bool = False
 
   def setup(self):
     spec = ARCHS[self.arch]
@@ -169,7 +181,7 @@ class ResNet(nn.Module):
         needs_downsample = index == 0 and (stride != 1 or in_planes != planes * spec.block_cls.expansion)
         grouping = {} if spec.block == 'basic' else {'groups': spec.groups, 'base_width': spec.width_per_group}
         blocks.append(spec.block_cls(planes, stride, needs_downsample, self.dtype, self.fast_backward,
-                                     name=f'layer{stage}_{index}', **grouping))
+                                     winograd=self.winograd, name=f'layer{stage}_{index}', **grouping))
         in_planes = planes * spec.block_cls.expansion
       setattr(self, f'layer{stage}', blocks)
     self.fc = nn.Dense(self.num_classes, kernel_init=torch_linear_init(spec.num_features),
@@ -208,7 +220,8 @@ class ResNet(nn.Module):
     return self.head(self.features(x_bhwc, train if bn_train is None else bn_train, mask_b))
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = True) -> ResNet:
+def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = True,
+                 winograd: Optional[bool] = None) -> ResNet:
   """ResNet for `arch` (one of ARCHS) with a `num_classes`-way `fc`, computing in `dtype` (None: float32).
 
   `fast_backward` (default True) computes conv gradients on XLA:CPU through exact rewrites that
@@ -216,13 +229,17 @@ def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: 
   parameters and values, gradients equal in float64 (1e-12) and up to float32 rounding.
   False: XLA's own gradients everywhere.
   (The max-pool gradient always goes through `layers.max_pool`, torch's own, without index arrays.)
+  `winograd` (None: True) runs the 3x3 stride-1 convolutions, forward and gradients, as Winograd
+  F(2x2)/F(4x4) on CPU for the shapes and ops where `benchmarks/bench_winograd.py` measured it faster
+  (`tl_jax.models.winograd.policy`); float32 values differ from the direct conv by rounding only.
   """
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   return ResNet(arch=arch, num_classes=num_classes, dtype=dtype,
-                fast_backward=True if fast_backward is None else fast_backward)
+                fast_backward=True if fast_backward is None else fast_backward,
+                winograd=True if winograd is None else winograd)
 
 
 def stage_of(module_name: str) -> Optional[str]:

@@ -10,13 +10,16 @@ Top-level modules carry their stage in their name so that freezing can name them
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+from tl_jax.models import winograd
 from tl_jax.models.family import HEAD as HEAD_STAGE, Entry, Family, bn_entries, conv_entries, linear_entries
 from tl_jax.models.layers import BatchNorm
 from tl_jax.models.resnet import torch_linear_init
@@ -76,6 +79,10 @@ def adaptive_avg_pool(x_bhwc: jax.Array, out_size: int) -> jax.Array:
   return jnp.einsum('oh,bhwc,pw->bopc', pool_h, x_bhwc, pool_w)
 
 
+# Winograd where the policy says (tl_jax.models.winograd), lax's own convolution elsewhere, as before.
+_WINOGRAD_CONV = functools.partial(winograd.conv_general_dilated, fallback=lax.conv_general_dilated)
+
+
 class VGG(nn.Module):
   """torchvision VGG: `features` is convs + avgpool + flatten (B, 25088), `head` the classifier.
 
@@ -88,6 +95,8 @@ class VGG(nn.Module):
   arch: str = 'vgg16'
   num_classes: int = 1000
   dropout_rate: float = DROPOUT
+  # True: 3x3 convs as Winograd on CPU where the measured policy says it is faster (tl_jax.models.winograd).
+  winograd: bool = False
 
   def setup(self):
     spec = ARCHS[self.arch]
@@ -95,7 +104,8 @@ class VGG(nn.Module):
     for b, widths in enumerate(spec.blocks, start=1):
       # torch pads every 3x3 conv by 1 on each side; 'SAME' is the same for stride 1, written out anyway.
       convs.append([nn.Conv(width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
-                            bias_init=nn.initializers.zeros, name=f'block{b}_conv{i}')
+                            bias_init=nn.initializers.zeros, name=f'block{b}_conv{i}',
+                            conv_general_dilated=_WINOGRAD_CONV if self.winograd else None)
                     for i, width in enumerate(widths, start=1)])
       bns.append([BatchNorm(name=f'block{b}_bn{i}') for i in range(1, len(widths) + 1)]
                  if spec.batch_norm else [])
@@ -146,8 +156,10 @@ class VGG(nn.Module):
     return self.head(self.features(x_bhwc, bn_train, mask_b), train)
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> VGG:
-  """VGG for `arch` (one of ARCHS) with a `num_classes`-way `classifier_6`; float32 only."""
+def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None,
+                 winograd: Optional[bool] = None) -> VGG:
+  """VGG for `arch` (one of ARCHS) with a `num_classes`-way `classifier_6`; float32 only. `winograd`
+  (None: True): the 3x3 convs the measured policy marks run as Winograd on CPU (see resnet.create_model)."""
   if arch not in ARCHS:
     raise ValueError(f'unknown arch {arch!r}; choose one of {sorted(ARCHS)}')
   if dtype is not None:
@@ -155,7 +167,7 @@ def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: 
                      '(leave --dtype out)')
   if fast_backward:
     raise ValueError(f'fast_backward is built for the ResNets, not {arch}')
-  return VGG(arch=arch, num_classes=num_classes)
+  return VGG(arch=arch, num_classes=num_classes, winograd=True if winograd is None else winograd)
 
 
 def stage_of(module_name: str) -> Optional[str]:

@@ -23,6 +23,8 @@ Values equal the direct convolution up to float rounding (exact in float64 to ~1
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -175,3 +177,94 @@ def _conv3x3_bwd(m, residuals, dy_bhwc):
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+
+
+# ------------------------------------------------------------------------------ where it is used
+
+# Which ops of which 3x3 shape run as Winograd, from `benchmarks/bench_winograd.py --policy`: for each
+# measured (Ci, Co, map size, batch) the tile size (2 or 4) of the forward, dx and dW where it beat
+# XLA's direct convolution (tl_jax's fast_conv) by the bench's margin, else 0 (direct). Shapes not
+# in the file, and every op marked 0, keep the direct convolution.
+POLICY_FILE = Path(__file__).with_name('winograd_policy.json')
+OPS = ('forward', 'dx', 'dw')
+
+
+@functools.lru_cache(maxsize=None)
+def policy() -> dict[tuple[int, int, int, int], tuple[int, int, int]]:
+  """{(ci, co, size, batch): (forward m, dx m, dw m)} from POLICY_FILE ({} when it is absent)."""
+  if not POLICY_FILE.is_file():
+    return {}
+  rows = json.loads(POLICY_FILE.read_text())['shapes']
+  return {(r['ci'], r['co'], r['size'], r['batch']): tuple(int(r[op]) for op in OPS) for r in rows}
+
+
+def plan(x_shape: Sequence[int], kernel_shape: Sequence[int]) -> tuple[int, int, int]:
+  """(forward, dx, dW) tile sizes for a 3x3 conv of NHWC `x_shape` (0: the direct convolution).
+
+  A square map of a measured (Ci, Co, size) takes the row of the measured batch nearest on a log
+  scale (the bench measures the tutorial's 4 and a larger 32)."""
+  n, h, w, ci = x_shape
+  co = kernel_shape[-1]
+  rows = {b: ops for (pci, pco, size, b), ops in policy().items() if (pci, pco, size) == (ci, co, h) and h == w}
+  if not rows:
+    return (0, 0, 0)
+  nearest = min(rows, key=lambda b: abs(np.log(b) - np.log(max(n, 1))))
+  return rows[nearest]
+
+
+def _fast_direct(x_bhwc, kernel_hwio):
+  from tl_jax.models import fast_conv   # its gradients where an op is not Winograd's
+  return fast_conv.conv2d(x_bhwc, kernel_hwio, (1, 1), ((1, 1), (1, 1)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def planned_conv3x3(x_bhwc: jax.Array, kernel_hwio: jax.Array, ops: tuple[int, int, int]) -> jax.Array:
+  """3x3 stride-1 padding-1 conv with each of forward, dx and dW as Winograd F(m) (m = ops[i]) or
+  the direct convolution (0), on CPU; lax's convolution and gradients elsewhere."""
+  forward = functools.partial(conv, m=ops[0]) if ops[0] else _fast_direct
+  return lax.platform_dependent(x_bhwc, kernel_hwio, cpu=forward, default=_direct)
+
+
+def _planned_fwd(x_bhwc, kernel_hwio, ops):
+  return planned_conv3x3(x_bhwc, kernel_hwio, ops), (x_bhwc, kernel_hwio)
+
+
+def _planned_cpu_grads(x_bhwc, kernel_hwio, dy_bhwc, ops):
+  needs_direct = not (ops[1] and ops[2])
+  if needs_direct:
+    _, vjp = jax.vjp(_fast_direct, x_bhwc, kernel_hwio)
+    dx_direct, dw_direct = vjp(dy_bhwc)
+  dx = input_grad(dy_bhwc, kernel_hwio, ops[1]) if ops[1] else dx_direct
+  dw = weight_grad(x_bhwc, dy_bhwc, ops[2]) if ops[2] else dw_direct
+  return dx, dw
+
+
+def _planned_bwd(ops, residuals, dy_bhwc):
+  x_bhwc, kernel_hwio = residuals
+  return lax.platform_dependent(x_bhwc, kernel_hwio, dy_bhwc, cpu=functools.partial(_planned_cpu_grads, ops=ops),
+                                default=_xla_grads)
+
+
+planned_conv3x3.defvjp(_planned_fwd, _planned_bwd)
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count: int = 1, precision=None,
+                         preferred_element_type=None, fallback=None) -> jax.Array:
+  """`fallback` (default `fast_conv.conv_general_dilated`; VGG passes lax's) with the 3x3 stride-1
+  padding-1 float32/64 convolutions that `plan` marks taken by Winograd, as
+  `nn.Conv(conv_general_dilated=functools.partial(conv_general_dilated, fallback=...))`. bfloat16
+  keeps the direct convolution (Winograd's transforms lose more bits than its 8-bit mantissa can spare)."""
+  from tl_jax.models import fast_conv
+  ops = (0, 0, 0)
+  if (lhs.ndim == 4 and rhs.shape[:2] == (3, 3) and tuple(window_strides) == (1, 1)
+      and not isinstance(padding, str) and tuple(tuple(int(p) for p in pair) for pair in padding) == ((1, 1), (1, 1))
+      and dimension_numbers == fast_conv._NHWC and feature_group_count == 1 and preferred_element_type is None
+      and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+      and lhs.dtype in (jnp.float32, jnp.float64) and rhs.dtype == lhs.dtype):
+    ops = plan(lhs.shape, rhs.shape)
+  if any(ops):
+    return planned_conv3x3(lhs, rhs, ops)
+  fallback = fast_conv.conv_general_dilated if fallback is None else fallback
+  return fallback(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                  feature_group_count, precision=precision, preferred_element_type=preferred_element_type)
