@@ -226,3 +226,19 @@ def test_cross_entropy_gradients_match_torch_in_float64():
   assert sorted(grads_ref) == sorted(e.torch_name for e in name_table(arch) if e.collection == 'params')
   worst, name = max((_grad_err(grads, grads_ref, k), k) for k in grads_ref)
   assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), (name, worst)
+
+
+def test_an_exported_pth_loads_into_torchvision_as_saved(tmp_path):
+  """export_torch_weights writes MNASNet's module version, so torch.load + load_state_dict(strict) takes
+  the file as it is (torchvision's MNASNet refuses a state dict without it)."""
+  from tl_jax import export
+  tmodel = random_torchvision_model('mnasnet0_5', NUM_CLASSES).eval()
+  src = tmp_path / 'm.pth'
+  torch.save(_loadable(state_dict_numpy(tmodel)), src)
+  export.import_torch_weights(src, tmp_path / 'ckpt', arch='mnasnet0_5')
+  export.export_torch_weights(tmp_path / 'ckpt', tmp_path / 'back.pth')
+  loaded = torch.load(tmp_path / 'back.pth')
+  fresh = __import__('torchvision').models.mnasnet0_5(num_classes=NUM_CLASSES)
+  fresh.load_state_dict(loaded, strict=True)
+  for name, value in tmodel.state_dict().items():
+    assert torch.equal(fresh.state_dict()[name], value), name

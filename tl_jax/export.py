@@ -61,8 +61,13 @@ def export_torch_weights(checkpoint_dir: str | Path, dst: str | Path) -> dict:
   """Writes the model checkpoint's variables as a torchvision state dict (.pth or .safetensors)."""
   model = checkpoint.load_model(checkpoint_dir)
   state_dict = convert.flax_to_torch(model.variables, model.arch)
-  weights.save_state_dict(state_dict, dst)
+  weights.save_state_dict(state_dict, dst, module_versions=TORCH_MODULE_VERSIONS.get(family_of(model.arch).name))
   return state_dict
+
+
+# Module versions torchvision's loaders check (`_metadata` of a .pth): MNASNet's layout since 0.9 is
+# version 2, which the name table follows; without it torchvision's MNASNet refuses the file.
+TORCH_MODULE_VERSIONS = {'mnasnet': {'': 2}}
 
 
 def _rng():

@@ -8,6 +8,7 @@ needed to read or write .pth files (`pip install 'tl_jax[torch]'`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -229,13 +230,17 @@ def load_preprocessing(path: PathLike) -> Optional[Preprocessing]:
 
 
 def save_state_dict(state_dict: Mapping[str, Any], path: PathLike,
-                    preprocessing: Optional[Preprocessing] = None) -> Path:
+                    preprocessing: Optional[Preprocessing] = None,
+                    module_versions: Optional[Mapping[str, int]] = None) -> Path:
   """Writes `state_dict` (name -> array) as .pth (torch tensors) or .safetensors, atomically.
 
   Args:
     state_dict: name -> NumPy (or jax) array.
     path: destination; the suffix picks the format.
     preprocessing: stored in the metadata of a .safetensors file (a .pth stays a plain state dict).
+    module_versions: module path -> version, kept as the `_metadata` torch's own state_dict() carries
+      (a .pth only), for modules whose `_load_from_state_dict` reads it (torchvision's MNASNet
+      refuses a state dict without its version).
   """
   path = Path(path).expanduser()
   suffix = path.suffix.lower()
@@ -253,7 +258,10 @@ def save_state_dict(state_dict: Mapping[str, Any], path: PathLike,
       safetensors.numpy.save_file(arrays, tmp, metadata=metadata)
     else:
       torch = _import_torch()
-      torch.save({k: _numpy_to_tensor(torch, k, v) for k, v in state_dict.items()}, tmp)
+      tensors = collections.OrderedDict((k, _numpy_to_tensor(torch, k, v)) for k, v in state_dict.items())
+      if module_versions:
+        tensors._metadata = collections.OrderedDict((k, {'version': v}) for k, v in module_versions.items())
+      torch.save(tensors, tmp)
     os.replace(tmp, path)
   finally:
     if tmp.exists():
