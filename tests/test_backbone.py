@@ -148,3 +148,30 @@ def test_box_regression_with_a_resnet18_base_beats_the_mean_box():
   trivial = float(np.abs(val_boxes - train_boxes.mean(axis=0)).mean())
   print(f'box MAE {mae:.4f} vs mean box {trivial:.4f} (first train loss {first:.4f})')
   assert mae < 0.5 * trivial, (mae, trivial)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('arch', ['efficientnet_b0', 'convnext_tiny', 'resnet18'])
+def test_bn_frozen_keeps_stochastic_depth_on_and_batchnorm_in_eval(arch):
+  """torch's recipe with `bn: frozen`: model.train(), then the BN modules alone in eval(). Under a
+  custom head the backbone's stochastic depth must still draw (two dropout keys, two outputs) while
+  BatchNorm uses and keeps its running statistics."""
+  model = TransferModel(arch, nn.Dense(2))
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 32, 32, 3)), jnp.float32)
+  variables = jax.jit(lambda r: model.init(r, x, train=False))(jax.random.PRNGKey(0))
+
+  def run(key, train):
+    return model.apply(variables, x, train=train, bn_train=False, mutable=['batch_stats'], rngs={'dropout': key})
+
+  (a, stats_a), (b, _) = run(jax.random.PRNGKey(1), True), run(jax.random.PRNGKey(2), True)
+  random = arch != 'resnet18'
+  # Bit equality: without stochastic depth the same computation runs twice; with it, the change can be
+  # tiny (ConvNeXt's layer scale starts at 1e-6, fresh EfficientNet outputs are ~1e-15).
+  differ = not np.array_equal(a, b)
+  assert differ == random, f'{arch}: stochastic depth {"off" if random else "on"} under bn: frozen'
+  evaluated = model.apply(variables, x, train=False)
+  if not random:
+    np.testing.assert_allclose(a, evaluated, rtol=1e-5, atol=1e-6)   # eval-mode BN: the eval forward
+  for new, old in zip(jax.tree_util.tree_leaves(stats_a.get('batch_stats', {})),
+                      jax.tree_util.tree_leaves(variables.get('batch_stats', {}))):
+    np.testing.assert_array_equal(new, old)

@@ -10,6 +10,7 @@ tuple or a dict.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -33,8 +34,18 @@ class Backbone(nn.Module):
     self.net = family_of(self.arch).create(self.arch, 1)
     nn.share_scope(self, self.net)
 
-  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None) -> jax.Array:
-    return self.net.features(x_bhwc, train, mask_b)
+  def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
+               bn_train: Optional[bool] = None) -> jax.Array:
+    """`train` drives dropout and stochastic depth and, unless `bn_train` says otherwise, BatchNorm
+    (torch's model.train() with the BN modules alone put in eval() for `bn: frozen`)."""
+    if bn_train is None or bn_train == train:
+      return self.net.features(x_bhwc, train, mask_b)
+    if 'bn_train' in inspect.signature(self.net.features).parameters:   # BatchNorm and stochastic depth
+      return self.net.features(x_bhwc, train, mask_b, bn_train=bn_train)
+    family = family_of(self.arch)
+    # Features with BatchNorm and nothing random (ResNet, VGG, DenseNet, ...): `train` is BatchNorm's
+    # alone. Without BatchNorm (ConvNeXt, ViT, Swin): `train` is their stochastic depth and dropout's.
+    return self.net.features(x_bhwc, bn_train if family.features_have_batch_norm(self.arch) else train, mask_b)
 
 
 class TransferModel(nn.Module):
@@ -63,4 +74,4 @@ class TransferModel(nn.Module):
 
   def __call__(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
                bn_train: Optional[bool] = None) -> Any:
-    return self.head(self.backbone(x_bhwc, train if bn_train is None else bn_train, mask_b))
+    return self.head(self.backbone(x_bhwc, train, mask_b, bn_train))

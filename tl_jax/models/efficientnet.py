@@ -284,17 +284,17 @@ class EfficientNet(nn.Module):
     self.dropout = nn.Dropout(spec.dropout if self.dropout_rate is None else self.dropout_rate)
 
   def features(self, x_bhwc: jax.Array, train: bool = False, mask_b: Optional[jax.Array] = None,
-               stochastic_depth: Optional[bool] = None) -> jax.Array:
+               bn_train: Optional[bool] = None) -> jax.Array:
     """Images (NHWC, normalised) -> (B, num_features) pooled features.
 
-    `train` puts BatchNorm in train mode; `stochastic_depth` (None: as `train`) turns on the blocks'
-    stochastic depth (the 'dropout' rng)."""
-    stochastic_depth = train if stochastic_depth is None else stochastic_depth
-    x = self.features_0(x_bhwc, train, mask_b)
+    `train` turns on the blocks' stochastic depth (the 'dropout' rng) and, unless `bn_train` says
+    otherwise, train-mode BatchNorm (torch's model.train() with only the BN modules in eval())."""
+    bn_train = train if bn_train is None else bn_train
+    x = self.features_0(x_bhwc, bn_train, mask_b)
     for stage in self.stages:
       for block in stage:
-        x = block(x, train, mask_b, stochastic_depth)
-    x = self.last_conv(x, train, mask_b)
+        x = block(x, bn_train, mask_b, train)
+    x = self.last_conv(x, bn_train, mask_b)
     return jnp.mean(_at_least_f32(x), axis=(1, 2))   # AdaptiveAvgPool2d(1) + flatten
 
   def from_features(self, features_bd: jax.Array, train: bool = False) -> jax.Array:
@@ -305,8 +305,7 @@ class EfficientNet(nn.Module):
                bn_train: Optional[bool] = None) -> jax.Array:
     """Logits. `train` turns on dropout and stochastic depth, and (unless `bn_train` says otherwise)
     train-mode BatchNorm."""
-    bn_train = train if bn_train is None else bn_train
-    return self.from_features(self.features(x_bhwc, bn_train, mask_b, stochastic_depth=train), train)
+    return self.from_features(self.features(x_bhwc, train, mask_b, bn_train), train)
 
 
 def create_model(arch: str, num_classes: int, dtype: Any = None, fast_backward: Optional[bool] = None) -> EfficientNet:
