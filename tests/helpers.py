@@ -35,11 +35,28 @@ TOL = {
     'lr_rel_f64': 1e-12,       # lr of an epoch against torch's scheduler, float64
     'lr_rel_f32': 1e-5,        # the same in float32, the trainer's (0.9 ** 159 in float32: ~1e-6)
     'optim_rel_f64': 1e-12,    # parameter change after each of 12 optimizer steps on one tensor, float64
+    # parameter change after every step of a toy model's param groups / clipping / accumulation (float64):
+    # Adam's m / (sqrt(v) + eps) magnifies the gradients' last bits where |g| is near eps
+    'optim_toy_rel_f64': 1e-10,
     'parallel_epoch_rel_f32': 1e-5,  # a float32 training epoch on N devices vs 1 (the issue's bound)
     'bf16_logits_rel': 2e-2,        # eval logits with bfloat16 convs/matmuls vs float32
     'parallel_abs_f64': 1e-12,      # 4 devices / 2 processes vs 1 device, float64: losses, params, BN stats
     'parallel_rel_f64': 1e-12,      # the same for eval sums (relative: a loss sum is ~20)
     'rewrite_rel_f64': 1e-12,  # a rewritten op (conv value/dx/dW vs lax, max-pool vs torch), float64
+    'calibration_abs_f32': 1e-6,   # ECE/MCE against torchmetrics, which bins and sums in float32
+    'loss_abs_f64': 1e-12,     # a loss value (CE with smoothing/weights, BCE with pos_weight) vs torch, float64
+    'mix_abs_f64': 1e-12,      # MixUp/CutMix images and soft targets vs torchvision given the same λ/box, float64
+    # Two-sample Kolmogorov-Smirnov statistic of 4000 of our λ/box draws against 4000 of torchvision's:
+    # the critical value at significance 0.001 is 1.95 * sqrt(2 / 4000) = 0.044 (fixed seeds: deterministic).
+    'mix_ks_stat': 0.044,
+    'ema_rel_f64': 1e-14,      # the weights' moving average against torch's AveragedModel on the same values
+    # AugMix: torchvision runs its chains with the uint8 tensor ops (grid_sample, truncating float blends), we
+    # with the PIL ops; max |ours - torchvision| in 8-bit levels and the mean over pixels (measured, test_policies).
+    'augmix_levels': 64,        # measured 47 (a few pixels where a bilinear sample lands elsewhere)
+    'augmix_mean_levels': 0.5,  # measured 0.12 (slow tier, 50 draws) to 0.29 (default tier, 4)
+    # RandomPerspective end to end: torch solves for the coefficients with MKL's gels, we with LU; their float32
+    # roundings differ in ~1 in 10 draws, moving a few pixels; the fraction of pixels that differ.
+    'perspective_fraction': 1e-2,
 }
 
 
@@ -121,3 +138,57 @@ class TorchDraws:
 
   def permutation(self, n):
     return self.torch.randperm(n).tolist()
+
+  def standard_normal(self, size, dtype=None):
+    """torch.empty(size).normal_(): RandomErasing's 'random' values."""
+    return self.torch.empty(list(size), dtype=self.torch.float32).normal_().numpy()
+
+  def dirichlet(self, alpha):
+    """torch._sample_dirichlet on a (1, K) float32 batch, as AugMix draws its weights."""
+    return self.torch._sample_dirichlet(self.torch.tensor(list(alpha)).expand(1, -1))[0].numpy()
+
+
+def two_class_folder(root: Path, per_class: int = 6, val_per_class: int = 3) -> Path:
+  """An image folder (train/ and val/, 'ants' dark and 'bees' bright, 40x48 PNGs) for runs of the real loop."""
+  from PIL import Image
+  rng = np.random.default_rng(5)
+  for split, n in (('train', per_class), ('val', val_per_class)):
+    for label, cls in enumerate(('ants', 'bees')):
+      folder = root / split / cls
+      folder.mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        pixels = np.clip(rng.normal(70 + 110 * label, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f'{cls}_{i}.png')
+  return root
+
+
+def head_only_values(data: Path, stages: list, **top) -> dict:
+  """A recipe of random-weight ResNet-18 stages at 32 px whose backbone features are cached (deterministic
+  transforms, head only, bn: frozen), so a run of the real loop takes seconds. `stages` entries are
+  merged over the head-only stage."""
+  fixed = [{'Resize': {'size': 36}}, {'CenterCrop': {'size': 32}}, {'ToTensor': {}},
+           {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25]}}]
+  base = {'epochs': 2, 'trainable': ['head'], 'bn': 'frozen', 'optimizer': {'name': 'sgd', 'lr': 0.01, 'momentum': 0.9}}
+  return {'model': {'arch': 'resnet18', 'weights': 'random'},
+          'data': {'path': str(data), 'batch_size': 4, 'eval_batch_size': 8, 'workers': 0,
+                   'train_transforms': fixed, 'val_transforms': fixed},
+          'stages': [{**base, **stage} for stage in stages], 'seed': 0, **top}
+
+
+@pytest.fixture(scope='module')
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache for a module's runs of the real loop, which compile the same
+  computations: the first run's executables serve the others (the same executables, the same numbers).
+  Import it into a test module and name it in `pytestmark = pytest.mark.usefixtures(...)`."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache as cache
+  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
+          'jax_persistent_cache_min_entry_size_bytes')
+  before = {key: getattr(jax.config, key) for key in keys}
+  for key, value in zip(keys, (str(tmp_path_factory.mktemp('jax_cache')), 0, 0)):
+    jax.config.update(key, value)
+  cache.reset_cache()
+  yield
+  for key, value in before.items():
+    jax.config.update(key, value)
+  cache.reset_cache()

@@ -464,7 +464,11 @@ def test_random_crop_larger_than_image_says_what_to_do():
 def test_transforms_table_lists_every_op():
   assert set(A.TRANSFORMS) == {
       'Resize', 'CenterCrop', 'RandomCrop', 'RandomResizedCrop', 'RandomHorizontalFlip', 'RandomVerticalFlip',
-      'RandomRotation', 'ColorJitter', 'RandomGrayscale', 'Grayscale', 'GaussianBlur', 'ToTensor', 'Normalize'}
+      'RandomRotation', 'ColorJitter', 'RandomGrayscale', 'Grayscale', 'GaussianBlur', 'ToTensor', 'Normalize',
+      # issue 24's, from tl_jax.data.policies (tests/test_policies.py)
+      'TrivialAugmentWide', 'RandAugment', 'AutoAugment', 'AugMix', 'RandomErasing', 'RandomAffine',
+      'RandomPerspective', 'RandomAutocontrast', 'RandomEqualize', 'RandomPosterize', 'RandomSolarize',
+      'RandomAdjustSharpness'}
 
 
 def test_importable_from_transforms_module():

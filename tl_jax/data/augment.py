@@ -19,87 +19,17 @@ from typing import Any, ClassVar, Mapping, Optional, Sequence, Union
 import numpy as np
 import pydantic
 from PIL import Image
-from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import Field, StrictBool, StrictInt
 
+from tl_jax.data import policies
 from tl_jax.data import transforms as F
+from tl_jax.data.op_base import (_PROB, _RANGE, _SIZE, FillArg, Number, Op, SizeArg, _BadArg, _check_fill,
+                                 _check_interpolation, _check_size, _Coin, _uniform32)
 from tl_jax.data.transforms import CropParams
-
-Number = Union[StrictInt, StrictFloat]
-SizeArg = Union[StrictInt, list[StrictInt]]
-FillArg = Union[Number, list[Number]]
-
-_SIZE = 'an int or [height, width]'
-_RANGE = 'a number or [min, max]'
-_PROB = 'a probability in [0, 1]'
 
 
 class TransformSpecError(ValueError):
   """A transform spec that cannot be built; the message names the key path and the value."""
-
-
-class _BadArg(Exception):
-  """Raised by `Op.check` with the offending keyword; `build_pipeline` adds the key path."""
-
-  def __init__(self, key: str, value: Any, message: str):
-    super().__init__(message)
-    self.key, self.value, self.message = key, value, message
-
-
-def _check_size(key: str, value: Any, lengths: Sequence[int] = (1, 2)) -> tuple[int, int]:
-  sizes = [value] if isinstance(value, int) else list(value)
-  if len(sizes) not in lengths:
-    raise _BadArg(key, value, f'needs {" or ".join(map(str, lengths))} values')
-  if any(s <= 0 for s in sizes):
-    raise _BadArg(key, value, 'sizes must be positive')
-  return F._pair(value)
-
-
-def _check_interpolation(value: str) -> int:
-  if value not in F.INTERPOLATIONS:
-    raise _BadArg('interpolation', value, f'unknown interpolation; allowed: {", ".join(F.INTERPOLATIONS)}')
-  return F.INTERPOLATIONS[value]
-
-
-def _check_p(value: float) -> None:
-  if not 0.0 <= value <= 1.0:
-    raise _BadArg('p', value, 'a probability must lie in [0, 1]')
-
-
-def _check_fill(value: Any) -> None:
-  if isinstance(value, list) and len(value) not in (1, 3, 4):
-    raise _BadArg('fill', value, 'needs one value or one per channel')
-
-
-def _uniform32(rng: np.random.Generator, low: float, high: float) -> float:
-  # torch draws these in float32 (`torch.empty(1).uniform_`); so do we.
-  return float(np.float32(rng.uniform(low, high)))
-
-
-class Op(pydantic.BaseModel):
-  """One transform: its keyword arguments as fields, and how it samples and applies.
-
-  `stage` is 'pil' for ops on PIL images, 'to_tensor' for ToTensor, 'tensor' for ops on its array.
-  """
-  model_config = ConfigDict(extra='forbid', frozen=True)
-  random: ClassVar[bool] = False
-  stage: ClassVar[str] = 'pil'
-
-  def check(self) -> None:
-    """Raises `_BadArg` for what torchvision rejects (at construction or when called)."""
-
-  def sample(self, rng: Optional[np.random.Generator], width: int, height: int) -> Any:
-    return None
-
-  def size_after(self, width: int, height: int, params: Any) -> tuple[int, int]:
-    """PIL size (width, height) of the output for an input of that size."""
-    return width, height
-
-  def fixed_size(self, size_hw: Optional[tuple[int, int]]) -> Optional[tuple[int, int]]:
-    """Output (height, width) when it does not depend on the input, given the input's if known."""
-    return size_hw
-
-  def apply(self, img: Image.Image, params: Any) -> Image.Image:
-    raise NotImplementedError
 
 
 class Resize(Op):
@@ -242,18 +172,6 @@ class RandomResizedCrop(Op):
     return F.resized_crop(img, params, self.size, F.INTERPOLATIONS[self.interpolation])
 
 
-class _Coin(Op):
-  """An op applied with probability p: torchvision draws torch.rand(1) < p."""
-  random: ClassVar[bool] = True
-  p: Number = Field(0.5, description=_PROB)
-
-  def check(self):
-    _check_p(self.p)
-
-  def sample(self, rng, width, height):
-    return bool(rng.random() < self.p)
-
-
 class RandomHorizontalFlip(_Coin):
 
   def apply(self, img, params):
@@ -379,6 +297,9 @@ class Grayscale(Op):
     if self.num_output_channels not in (1, 3):
       raise _BadArg('num_output_channels', self.num_output_channels, 'allowed: 1, 3')
 
+  def bands_after(self, bands):
+    return self.num_output_channels
+
   def apply(self, img, params):
     return F.to_grayscale(img, self.num_output_channels)
 
@@ -435,6 +356,7 @@ class Normalize(Op):
 TRANSFORMS: dict[str, type[Op]] = {cls.__name__: cls for cls in (
     Resize, CenterCrop, RandomCrop, RandomResizedCrop, RandomHorizontalFlip, RandomVerticalFlip, RandomRotation,
     ColorJitter, RandomGrayscale, Grayscale, GaussianBlur, ToTensor, Normalize)}
+TRANSFORMS.update(policies.TRANSFORMS)   # issue 24's: the policies, RandomErasing, RandomAffine, ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,6 +371,16 @@ class Pipeline:
   @property
   def _pil_ops(self) -> tuple[Op, ...]:
     return tuple(op for op in self.ops if op.stage == 'pil')
+
+  @property
+  def _sampled_ops(self) -> tuple[Op, ...]:
+    """The ops with an entry in `sample`'s tuple: every PIL op, then the random ops on the array."""
+    return self._pil_ops + tuple(op for op in self.ops if op.stage == 'tensor' and op.random)
+
+  @property
+  def supports_uint8(self) -> bool:
+    """Whether `apply_uint8` + `finish_uint8` give `apply`'s arrays: nothing but Normalize after ToTensor."""
+    return not any(op.stage == 'tensor' and op.random for op in self.ops)
 
   @property
   def _normalize(self) -> Normalize:
@@ -474,31 +406,48 @@ class Pipeline:
       size_hw = op.fixed_size(size_hw)
     return size_hw
 
-  def sample(self, rng: Optional[np.random.Generator], width: int, height: int) -> tuple:
-    """Each PIL op's parameters, drawn in order while tracking the image size through the ops."""
+  def sample(self, rng: Optional[np.random.Generator], width: int, height: int, bands: int = 3) -> tuple:
+    """Each PIL op's parameters, then each random array op's, drawn in order while tracking the image
+    size (and channel count, `bands` for the input) through the ops."""
     if rng is None and not self.deterministic:
       raise ValueError('a pipeline with random transforms needs a numpy Generator, got None')
     params = []
     for op in self._pil_ops:
       op_params = op.sample(rng, width, height)
       width, height = op.size_after(width, height, op_params)
+      bands = op.bands_after(bands)
       params.append(op_params)
+    for op in self._sampled_ops[len(params):]:
+      params.append(op.sample(rng, width, height, bands))
     return tuple(params)
 
   def _apply_pil(self, img: Image.Image, params: tuple) -> Image.Image:
-    for op, op_params in zip(self._pil_ops, params, strict=True):
+    for op, op_params in zip(self._pil_ops, params[:len(self._pil_ops)], strict=True):
       img = op.apply(img, op_params)
     return img
 
   def apply(self, img: Image.Image, params: tuple) -> np.ndarray:
-    """float32 HWC: ToTensor's scaling then Normalize, equal to torchvision's CHW tensor transposed."""
-    return F.normalize(F.to_array(self._apply_pil(img, params)), self.mean, self.std)
+    """float32 HWC: ToTensor's scaling then the array ops in order (Normalize, RandomErasing), equal to
+    torchvision's CHW tensor transposed."""
+    array = F.to_array(self._apply_pil(img, params))
+    array_params = iter(params[len(self._pil_ops):])
+    for op in self.ops:
+      if isinstance(op, Normalize):
+        array = F.normalize(array, op.mean_tuple, op.std_tuple)
+      elif op.stage == 'tensor' and op.random:
+        array = op.apply_array(array, next(array_params))
+    return array
 
   def apply_uint8(self, img: Image.Image, params: tuple) -> np.ndarray:
     """uint8 HWC: every op before ToTensor; `finish_uint8` (or the same on the device) does the rest.
 
-    Only for 8-bit images ('RGB' or 'L' after the ops), where ToTensor is a division by 255.
+    Only for 8-bit images ('RGB' or 'L' after the ops), where ToTensor is a division by 255, and
+    pipelines with nothing but Normalize after ToTensor (`supports_uint8`).
     """
+    if not self.supports_uint8:
+      names = [type(op).__name__ for op in self.ops if op.stage == 'tensor' and op.random]
+      raise ValueError(f'apply_uint8: {", ".join(names)} works on the float array after ToTensor, which uint8 '
+                       f'batches do not carry; use apply (data.uint8_batches: false)')
     out = self._apply_pil(img, params)
     if out.mode not in ('RGB', 'L'):
       raise ValueError(f'apply_uint8 needs an 8-bit RGB or L image after the transforms, got mode {out.mode!r}; '
@@ -580,7 +529,7 @@ def build_pipeline(spec: Sequence[Mapping[str, Optional[Mapping[str, Any]]]],
     if op.stage == 'to_tensor' and to_tensor_at is not None:
       _fail(path, name, f'a second ToTensor ({where}[{to_tensor_at}] is the first)')
     if op.stage == 'tensor' and to_tensor_at is None:
-      _fail(path, name, 'Normalize works on the tensor from ToTensor; put ToTensor before it')
+      _fail(path, name, f'{name} works on the tensor from ToTensor; put ToTensor before it')
     if isinstance(op, Normalize) and any(isinstance(o, Normalize) for o in ops):
       _fail(path, name, 'a second Normalize; combine them into one')
     if op.stage == 'to_tensor':

@@ -132,7 +132,12 @@ def make_pipeline(config: Config, preprocessing: Preprocessing, workdir: Optiona
   """The recipe's data, transforms and loaders (uint8 batches where data.uint8_batches asks for them)."""
   data = load_data(config, workdir, log)
   transforms = make_transforms(config, preprocessing)
-  uint8 = config.data.uint8_batches is True or (config.data.uint8_batches == 'auto' and
+  # Transforms after Normalize (RandomErasing) need the float rows: uint8 batches cannot carry them.
+  fits_uint8 = transforms.train.supports_uint8 and transforms.val.supports_uint8
+  if config.data.uint8_batches is True and not fits_uint8:
+    raise RunError('data.uint8_batches: true cannot carry a transform that runs after Normalize (RandomErasing); '
+                   'set data.uint8_batches: false')
+  uint8 = config.data.uint8_batches is True or (config.data.uint8_batches == 'auto' and fits_uint8 and
                                                 jax.default_backend() != 'cpu')
   normalization = None
   if uint8:
