@@ -451,7 +451,8 @@ FAMILY_V3 = Family(
     archs={'mobilenet_v3_small': 'mobilenet_v3_small-047dcff4.pth',
            'mobilenet_v3_large': 'mobilenet_v3_large-8738ca79.pth'},
     create=create_v3,
-    stages=V3_STAGES,
+    # per arch: mobilenet_v3_small has 13 feature modules, large 17
+    stages=lambda arch: tuple(f'features.{i}' for i in range(len(V3_ARCHS[arch].blocks) + 2)) + ('classifier',),
     head=V3_HEAD, head_torch='classifier.3', head_stages=('classifier', HEAD_STAGE),
     stage_of=v3_stage_of,
     num_features=lambda arch: V3_ARCHS[arch].num_features,
