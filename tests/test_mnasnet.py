@@ -228,6 +228,7 @@ def test_cross_entropy_gradients_match_torch_in_float64():
   assert within(worst, 'grad_rel_f64', f'gradients float64, worst tensor {arch} (rel)'), (name, worst)
 
 
+@pytest.mark.slow
 def test_an_exported_pth_loads_into_torchvision_as_saved(tmp_path):
   """export_torch_weights writes MNASNet's module version, so torch.load + load_state_dict(strict) takes
   the file as it is (torchvision's MNASNet refuses a state dict without it)."""

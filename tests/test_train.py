@@ -474,7 +474,8 @@ def test_uint8_batches_normalised_on_the_device_train_exactly_like_float_batches
     assert runs[True][key] == runs[False][key], key
 
 
-@pytest.mark.parametrize('name', ['frozen', 'finetune', 'two_stage', 'resnet101_two_stage', 'vgg16_classifier'])
+@pytest.mark.parametrize('name', ['frozen', 'finetune', 'two_stage', 'resnet101_two_stage', 'vgg16_classifier',
+                                  'modern_finetune'])
 @pytest.mark.slow
 def test_every_shipped_config_runs_one_short_epoch_per_stage(tmp_path, name):
   """The shipped recipes as they are (stages, optimizers, schedules, transforms), with a small arch swapped in,

@@ -91,6 +91,7 @@ def _resnet18_policy(batch):
   return {(c, c, s, batch): (2, 4, 2) for c, _, s in shapes}
 
 
+@pytest.mark.slow
 def test_models_take_winograd_where_the_policy_says_and_equal_the_direct_model(monkeypatch):
   """resnet18 with every 3x3 stride-1 conv planned as Winograd: float64 logits and gradients equal the
   direct model's; the policy is consulted only with winograd on, and an empty policy changes nothing."""

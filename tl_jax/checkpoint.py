@@ -195,3 +195,34 @@ def load_model(path: str | Path, num_classes: Optional[int] = None) -> ModelChec
                           f'{num_classes} were asked for')
   variables = {k: dict(v) for k, v in restored['variables'].items()}
   return ModelCheckpoint(variables=variables, metadata=metadata)
+
+
+# The file orbax's JsonCheckpointHandler writes its item into (its default `filename`).
+_JSON_FILE = 'metadata'
+
+
+def update_metadata(path: str | Path, changes: dict) -> dict:
+  """Merges `changes` into a model checkpoint's metadata, leaving its variables untouched; returns it.
+
+  The metadata item is one JSON file; it is rewritten beside itself and renamed over the old one, so
+  a reader sees the old or the new metadata, never half of either (what a fitted temperature needs:
+  the weights stay as they are).
+  """
+  import json
+  import os
+  directory = resolve_model_dir(path)
+  metadata = load_model(directory).metadata
+  target = directory / 'metadata' / _JSON_FILE
+  if not target.is_file():
+    raise CheckpointError(f'cannot update the metadata of {directory}: {target} is missing; write the '
+                          'checkpoint again')
+  metadata.update(changes)
+  tmp = target.with_name(f'.{_JSON_FILE}.{os.getpid()}.tmp')
+  try:
+    tmp.write_text(json.dumps(metadata))
+    os.replace(tmp, target)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise write_failed('the metadata of', directory, e.strerror or str(e), disk_full(e),
+                       'The checkpoint is unchanged') from e
+  return metadata

@@ -61,6 +61,9 @@ class ModelConfig(_Strict):
   arch: str = 'resnet18'
   weights: str = 'imagenet'          # imagenet | random | PATH (.pth / .safetensors)
   dtype: Literal['float32', 'bfloat16'] = 'float32'   # compute dtype; params stay float32
+  # ResNets and VGG on CPU: 3x3 stride-1 convolutions as Winograd where benchmarks/bench_winograd.py
+  # measured it faster (tl_jax.models.winograd); false: direct convolutions everywhere. Same values up to rounding.
+  winograd: bool = True
 
   @pydantic.field_validator('arch')
   @classmethod
@@ -99,6 +102,12 @@ class DataConfig(_Strict):
   workers: Annotated[int, Field(ge=0)] = 2     # decode/augment threads
   prefetch: PositiveInt = 4                    # batches prepared ahead of the step
   skip_bad_images: bool = False
+  # MixUp / CutMix of each train batch (torchvision's reference-script names; tl_jax.data.mix): Beta(α, α);
+  # 0 is off; both > 0: each batch takes one of the two at random, as torchvision's RandomChoice.
+  mixup_alpha: NonNegative = 0.0
+  cutmix_alpha: NonNegative = 0.0
+  # Several labels per image: a sigmoid head with BCEWithLogitsLoss. None: from the data (a labels CSV is).
+  multi_label: Optional[bool] = None
 
   @pydantic.field_validator('train_transforms', 'val_transforms', mode='before')
   @classmethod
@@ -127,6 +136,22 @@ class DataConfig(_Strict):
 _SGD, _ADAM, _ADAMW = (optim.OPTIMIZERS[name] for name in ('sgd', 'adam', 'adamw'))
 
 
+class SGDGroup(_Strict):
+  """A torch param group of SGD: its stages and the arguments it overrides (None: the optimizer's)."""
+  stages: Annotated[list[str], Field(min_length=1)]
+  lr: Optional[NonNegative] = None
+  momentum: Optional[Annotated[Float, Field(ge=0, lt=1)]] = None
+  dampening: Optional[Annotated[Float, Field(ge=0, le=1)]] = None
+  nesterov: Optional[bool] = None
+  weight_decay: Optional[NonNegative] = None
+
+
+# Param groups and weight-decay masks (tl_jax.optim.optimizer_labels): `groups` (torch's param_groups by
+# stage), `layer_decay` (timm's layer-wise lr decay, over the arch's stages), and torchvision's reference
+# script's norm_weight_decay / bias_weight_decay (None: the optimizer's weight_decay).
+LayerDecay = Optional[Annotated[Float, Field(gt=0, le=1)]]
+
+
 class SGD(_Strict):
   """torch.optim.SGD's arguments and defaults."""
   name: Literal['sgd']
@@ -135,10 +160,24 @@ class SGD(_Strict):
   dampening: Annotated[Float, Field(ge=0, le=1)] = _SGD['dampening']
   nesterov: bool = _SGD['nesterov']
   weight_decay: NonNegative = _SGD['weight_decay']
+  groups: Optional[list[SGDGroup]] = None
+  layer_decay: LayerDecay = None
+  norm_weight_decay: Optional[NonNegative] = None
+  bias_weight_decay: Optional[NonNegative] = None
 
 
 Betas = Annotated[tuple[Annotated[Float, Field(ge=0, lt=1)], Annotated[Float, Field(ge=0, lt=1)]],
                   pydantic.BeforeValidator(_tuple_from_list)]
+
+
+class AdamGroup(_Strict):
+  """A torch param group of Adam / AdamW: its stages and the arguments it overrides (None: the optimizer's)."""
+  stages: Annotated[list[str], Field(min_length=1)]
+  lr: Optional[NonNegative] = None
+  betas: Optional[Betas] = None
+  eps: Optional[NonNegative] = None
+  weight_decay: Optional[NonNegative] = None
+  amsgrad: Optional[bool] = None
 
 
 class Adam(_Strict):
@@ -149,6 +188,10 @@ class Adam(_Strict):
   eps: NonNegative = _ADAM['eps']
   weight_decay: NonNegative = _ADAM['weight_decay']
   amsgrad: bool = _ADAM['amsgrad']
+  groups: Optional[list[AdamGroup]] = None
+  layer_decay: LayerDecay = None
+  norm_weight_decay: Optional[NonNegative] = None
+  bias_weight_decay: Optional[NonNegative] = None
 
 
 class AdamW(Adam):
@@ -211,6 +254,22 @@ ScheduleConfig = Annotated[Union[StepSchedule, MultiStepSchedule, ExponentialSch
 # ---------------------------------------------------------------------------------- stages
 
 
+class EMAConfig(_Strict):
+  """An exponential moving average of the weights, as torch's AveragedModel(model,
+  multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True), updated after every `every`-th optimizer
+  step of an epoch (torchvision's reference script's `model_ema_steps`); validation and best/ use it."""
+  decay: Annotated[Float, Field(ge=0, le=1)] = 0.9998
+  every: PositiveInt = 1
+
+
+class EarlyStoppingConfig(_Strict):
+  """Keras's EarlyStopping for one stage: the stage ends after `patience` epochs in which `monitor` did
+  not improve on its best by more than `min_delta`; the run goes on with the next stage."""
+  monitor: Literal['val_loss', 'val_acc'] = 'val_loss'
+  patience: Annotated[int, Field(ge=0)] = 5
+  min_delta: NonNegative = 0.0
+
+
 class StageConfig(_Strict):
   name: str
   epochs: PositiveInt
@@ -221,6 +280,13 @@ class StageConfig(_Strict):
   # A step whose loss or gradient norm is not finite: stop the run (nothing non-finite is saved), or
   # drop that step's update and go on, as torch's GradScaler skips optimizer.step().
   on_nonfinite: Literal['stop', 'skip_step'] = 'stop'
+  ema: Optional[EMAConfig] = None                        # tl_jax.training.ema
+  # torch.nn.utils.clip_grad_norm_(trainable params, max_norm) before each optimizer step (None: off).
+  clip_grad_norm: Optional[Annotated[Float, Field(gt=0)]] = None
+  # Batches per optimizer step (gradients averaged as one batch `accumulate` times larger; BatchNorm sees
+  # each batch); an epoch's last step takes the batches left (tl_jax.optim.accumulated).
+  accumulate: PositiveInt = 1
+  early_stopping: Optional[EarlyStoppingConfig] = None   # tl_jax.training.early_stopping
 
   @pydantic.field_validator('trainable', mode='before')
   @classmethod
@@ -250,16 +316,43 @@ class CheckpointEvery(_Strict):
     return self
 
 
+ClassWeight = Annotated[Float, Field(ge=0)]
+
+
+class LossConfig(_Strict):
+  """torch's CrossEntropyLoss(weight=class_weights, label_smoothing=...) and, for multi-label data,
+  BCEWithLogitsLoss(pos_weight=...) (tl_jax.losses). `balanced`: scikit-learn's
+  compute_class_weight('balanced') from the train split's counts, resp. negatives / positives per class."""
+  label_smoothing: Annotated[Float, Field(ge=0, le=1)] = 0.0
+  class_weights: Optional[Union[Literal['balanced'], list[ClassWeight]]] = None
+  pos_weight: Optional[Union[Literal['balanced'], ClassWeight, list[ClassWeight]]] = None
+
+  @pydantic.field_validator('class_weights', 'pos_weight', mode='before')
+  @classmethod
+  def _balanced_or_weights(cls, value, info):
+    # One clear message instead of one per member of the union.
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+    scalar_ok = info.field_name == 'pos_weight' and number(value)
+    if value is None or value == 'balanced' or scalar_ok or (isinstance(value, list) and value and
+                                                             all(number(v) for v in value)):
+      return value
+    one = ', a number >= 0' if info.field_name == 'pos_weight' else ''
+    raise ValueError(f"must be balanced{one} or a list of one weight >= 0 per class, e.g. [1.0, 2.5]")
+
+
 class Config(_Strict):
   """A whole training recipe (see the module docstring)."""
   model: ModelConfig = Field(default_factory=ModelConfig)
   data: DataConfig = Field(default_factory=DataConfig)
   stages: Annotated[list[StageConfig], Field(min_length=1)]
   seed: int = 0
+  loss: LossConfig = Field(default_factory=LossConfig)   # tl_jax.losses.make_loss
   # Off by default: an epoch's own checkpoint comes often enough for short epochs (the tutorial's).
   checkpoint_every: Optional[CheckpointEvery] = None
   # Run checkpoints kept in WORKDIR/checkpoints/: more than one, so a damaged newest one has one to fall back on.
   keep_checkpoints: PositiveInt = 2
+  # Fit a temperature on the val logits of the best checkpoint at the end of the run (tl_jax.calibration).
+  calibrate: bool = False
 
   @pydantic.model_validator(mode='after')
   def _stages_fit_the_arch(self):
@@ -272,10 +365,14 @@ class Config(_Strict):
     for i, stage in enumerate(self.stages):
       # The optimizer's own checks (torch's rules), e.g. a warm-up longer than the stage.
       try:
-        optim.resolve_optimizer(stage.optimizer.model_dump())
+        optim.resolve_optimizer(optim.torch_kwargs(stage.optimizer.model_dump()))
         optim.resolve_schedule(stage.schedule.model_dump(), stage.epochs)
       except ValueError as e:
         raise ValueError(f'stages[{i}]: {e}') from None
+      try:
+        optim.check_param_groups(stage.optimizer.model_dump(), self.model.arch, f'stages[{i}].optimizer')
+      except ValueError as e:
+        raise ValueError(str(e)) from None
       if stage.trainable != 'all':
         unknown = [s for s in stage.trainable if s not in known]
         if unknown:
@@ -308,9 +405,10 @@ class Config(_Strict):
 
 
 # The keys of a run that may change on --resume: how the data is fed, not what is computed.
-RUNTIME_KEYS = ('data.workers', 'data.prefetch', 'data.tfds_download', 'data.cache_decoded', 'data.tfds_data_dir',
+RUNTIME_KEYS = ('model.winograd', 'data.workers', 'data.prefetch', 'data.tfds_download', 'data.cache_decoded', 'data.tfds_data_dir',
                 'data.uint8_batches', 'data.eval_batch_size', 'data.cache_features', 'checkpoint_every',
-                'checkpoint_every.steps', 'checkpoint_every.minutes', 'keep_checkpoints')
+                'checkpoint_every.steps', 'checkpoint_every.minutes', 'keep_checkpoints',
+                'calibrate')
 
 # Keys that may change on --resume after a run stopped on a non-finite loss: what to try then (the
 # optimizer's hyperparameters, the schedule, the stage's policy). `[*]` stands for any stage, `.*` for
@@ -318,7 +416,14 @@ RUNTIME_KEYS = ('data.workers', 'data.prefetch', 'data.tfds_download', 'data.cac
 NONFINITE_RETRY_KEYS = ('stages[*].optimizer.lr', 'stages[*].optimizer.momentum', 'stages[*].optimizer.dampening',
                         'stages[*].optimizer.nesterov', 'stages[*].optimizer.weight_decay',
                         'stages[*].optimizer.betas', 'stages[*].optimizer.eps', 'stages[*].optimizer.amsgrad',
-                        'stages[*].schedule.*', 'stages[*].on_nonfinite')
+                        'stages[*].schedule.*', 'stages[*].on_nonfinite',
+                        # Param groups' own hyperparameters and clipping keep the optimizer state's
+                        # structure (tl_jax.optim); which params form a group does not.
+                        'stages[*].optimizer.groups[*].lr', 'stages[*].optimizer.groups[*].momentum',
+                        'stages[*].optimizer.groups[*].dampening', 'stages[*].optimizer.groups[*].nesterov',
+                        'stages[*].optimizer.groups[*].weight_decay', 'stages[*].optimizer.groups[*].betas',
+                        'stages[*].optimizer.groups[*].eps', 'stages[*].optimizer.groups[*].amsgrad',
+                        'stages[*].clip_grad_norm')
 
 
 # ------------------------------------------------------------------------------- loading
@@ -390,6 +495,9 @@ def _known_keys_hint(loc: Sequence) -> str:
       cls = annotation
     elif args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
       cls = args[0]   # list[StageConfig], Optional[...]
+    elif args and getattr(args[0], '__args__', None) and isinstance(args[0].__args__[0], type) \
+        and issubclass(args[0].__args__[0], BaseModel):
+      cls = args[0].__args__[0]   # Optional[list[SGDGroup]]
   if isinstance(cls, type) and issubclass(cls, BaseModel):
     return f'; known keys: {", ".join(cls.model_fields)}'
   return ''
@@ -487,7 +595,7 @@ def default_values() -> dict[str, Any]:
 # Flags that apply to every stage.
 STAGE_FLAGS = ('epochs', 'lr', 'bn')
 # Flags that set one key of a section.
-SECTION_FLAGS = {'arch': 'model', 'weights': 'model', 'dtype': 'model',
+SECTION_FLAGS = {'arch': 'model', 'weights': 'model', 'dtype': 'model', 'winograd': 'model',
                  'data': 'data', 'batch_size': 'data', 'eval_batch_size': 'data', 'workers': 'data',
                  'skip_bad_images': 'data', 'tfds_data_dir': 'data', 'tfds_download': 'data',
                  'cache_decoded': 'data', 'cache_features': 'data', 'uint8_batches': 'data', 'seed': None}

@@ -5,7 +5,9 @@ support-weighted averages, and the confusion matrix (rows = true class, columns 
 as `sklearn.metrics` computes them with `labels=range(num_classes)` and `zero_division=0`: a
 class that is never predicted has precision 0 (no prediction to be right about), a class
 absent from the labels has recall 0, and F1 is 2·tp / (2·tp + fp + fn), 0 when that is 0/0.
-scikit-learn is not needed at runtime; the tests compare against it.
+scikit-learn is not needed at runtime; the tests compare against it. Multi-label data has its own
+(`multilabel_metrics`: per-class precision/recall/F1 at a threshold, average precision and mAP,
+subset accuracy).
 """
 
 from __future__ import annotations
@@ -128,3 +130,105 @@ def compute_metrics(labels: Sequence[int], predictions: Optional[Sequence[int]],
       'never_predicted': [name for i, name in enumerate(class_names) if predicted[i] == 0],
       'absent': [name for i, name in enumerate(class_names) if support[i] == 0],
   }
+
+
+# ----------------------------------------------------------------------------------- multi-label
+
+
+def average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
+  """scikit-learn's average_precision_score for one class: sum over the distinct scores, highest first, of
+  (R_k - R_{k-1}) P_k; 0 for a class with no positive (sklearn's value, with its warning left out)."""
+  targets, scores = np.asarray(targets, np.float64), np.asarray(scores, np.float64)
+  order = np.argsort(-scores, kind='mergesort')
+  targets, scores = targets[order], scores[order]
+  ends = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]   # the last row of each distinct score
+  tps = np.cumsum(targets)[ends]
+  if not len(tps) or tps[-1] == 0:
+    return 0.0
+  precision = tps / (ends + 1)
+  recall = tps / tps[-1]
+  return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+  """A multi-label head's per-class probabilities, in float64."""
+  return 1.0 / (1.0 + np.exp(-np.asarray(logits, np.float64)))
+
+
+def present_classes(probs: Sequence[float], class_names: Optional[Sequence[str]], threshold: float = 0.5) -> str:
+  """A multi-label answer: the names of the classes whose probability is above `threshold`, or '(none)'."""
+  names = [class_names[i] if class_names else f'class {i}' for i, p in enumerate(probs) if p > threshold]
+  return ' '.join(names) if names else '(none)'
+
+
+def mean_average_precision(targets: np.ndarray, scores: np.ndarray) -> float:
+  """mAP: the mean over the C columns of `average_precision` (sklearn's macro average_precision_score)."""
+  targets, scores = np.asarray(targets), np.asarray(scores)
+  return float(np.mean([average_precision(targets[:, c] > 0.5, scores[:, c]) for c in range(targets.shape[1])]))
+
+
+def multilabel_metrics(targets: np.ndarray, logits: np.ndarray, class_names: Sequence[str],
+                       threshold: float = 0.5) -> dict:
+  """Multi-label metrics as scikit-learn computes them, as a JSON-ready dict.
+
+  Args:
+    targets: (N, C) 0/1 (a row may hold several classes, or none).
+    logits: (N, C) the sigmoid head's outputs; a class is predicted where sigmoid(logit) > threshold.
+    class_names: C names.
+
+  Returns:
+    {'num_samples', 'multi_label': True, 'threshold', 'subset_accuracy' (every class of the row right:
+    sklearn's accuracy_score on indicator rows), 'mAP' (the mean over classes of average_precision_score,
+    ranked by the logits), 'loss' (BCEWithLogitsLoss's mean), 'per_class': {name: {'precision', 'recall',
+    'f1', 'support', 'average_precision'}} (precision_recall_fscore_support(zero_division=0)),
+    'macro_avg', 'micro_avg', 'absent' (classes with no positive: their AP and recall are 0)}.
+  """
+  class_names = [str(name) for name in class_names]
+  targets = np.asarray(targets, np.float64)
+  logits = np.asarray(logits, np.float64)
+  if targets.ndim != 2 or targets.shape != logits.shape or targets.shape[1] != len(class_names):
+    raise MetricsError(f'targets {targets.shape} and logits {logits.shape} must both be (N, {len(class_names)})')
+  if not len(targets):
+    raise MetricsError('no samples to evaluate')
+  positive = targets > 0.5
+  predicted = sigmoid(logits) > threshold
+  tp = np.sum(predicted & positive, axis=0).astype(np.float64)
+  fp = np.sum(predicted & ~positive, axis=0).astype(np.float64)
+  fn = np.sum(~predicted & positive, axis=0).astype(np.float64)
+  precision, recall, f1 = _ratio(tp, tp + fp), _ratio(tp, tp + fn), _ratio(2 * tp, 2 * tp + fp + fn)
+  ap = np.array([average_precision(positive[:, c], logits[:, c]) for c in range(len(class_names))])
+  tp_all, fp_all, fn_all = tp.sum(), fp.sum(), fn.sum()
+  micro = {'precision': float(_ratio(tp_all, tp_all + fp_all)), 'recall': float(_ratio(tp_all, tp_all + fn_all)),
+           'f1': float(_ratio(2 * tp_all, 2 * tp_all + fp_all + fn_all)), 'support': int(positive.sum())}
+  losses = np.logaddexp(0.0, -logits) * targets + np.logaddexp(0.0, logits) * (1 - targets)
+  return {
+      'num_samples': int(len(targets)),
+      'multi_label': True,
+      'threshold': float(threshold),
+      'subset_accuracy': float(np.mean(np.all(predicted == positive, axis=1))),
+      'mAP': float(np.mean(ap)),
+      'loss': float(np.mean(losses)),
+      'class_names': class_names,
+      'per_class': {name: {'precision': float(precision[i]), 'recall': float(recall[i]), 'f1': float(f1[i]),
+                           'support': int(positive[:, i].sum()), 'average_precision': float(ap[i])}
+                    for i, name in enumerate(class_names)},
+      'macro_avg': {'precision': float(precision.mean()), 'recall': float(recall.mean()), 'f1': float(f1.mean()),
+                    'support': int(positive.sum())},
+      'micro_avg': micro,
+      'absent': [name for i, name in enumerate(class_names) if not positive[:, i].any()],
+  }
+
+
+def format_multilabel(metrics: dict) -> str:
+  """The multi-label metrics as a few printed lines: totals, then one line per class."""
+  lines = [f"{metrics['num_samples']} images, multi-label at threshold {metrics['threshold']:g}: "
+           f"mAP {metrics['mAP']:.4f}, subset accuracy {metrics['subset_accuracy']:.4f}, loss {metrics['loss']:.4f}",
+           f"{'class':<20} {'precision':>9} {'recall':>7} {'f1':>7} {'AP':>7} {'support':>7}"]
+  for name, row in metrics['per_class'].items():
+    lines.append(f"{name[:20]:<20} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} "
+                 f"{row['average_precision']:>7.4f} {row['support']:>7d}")
+  for avg in ('macro_avg', 'micro_avg'):
+    row = metrics[avg]
+    lines.append(f"{avg:<20} {row['precision']:>9.4f} {row['recall']:>7.4f} {row['f1']:>7.4f} {'':>7} "
+                 f"{row['support']:>7d}")
+  return '\n'.join(lines)

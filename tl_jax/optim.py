@@ -16,7 +16,7 @@ transforms in torch's order, with a lr from a torch scheduler stepped once per e
 from __future__ import annotations
 
 import numbers
-from typing import Any, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -429,12 +429,325 @@ def make_optimizer(params: Mapping, trainable: str | Sequence[str], optimizer: M
   Args:
     params: the model's params (for the label tree).
     trainable: a strategy name or a list of stages, as `param_labels` takes.
-    optimizer: {'name': 'sgd' | 'adam' | 'adamw', **torch's keyword arguments} (see OPTIMIZERS).
-      An 'lr' in it is checked only: the rate comes from `schedule`, which make_schedule builds
-      from that lr.
+    optimizer: {'name': 'sgd' | 'adam' | 'adamw', **torch's keyword arguments} (see OPTIMIZERS),
+      and optionally norm_weight_decay / bias_weight_decay / groups (`optimizer_labels`). An 'lr' in
+      it is checked only: the rate comes from `schedule`, which make_schedule builds from that lr; a
+      group with its own lr gets `schedule` times its lr / that lr.
     schedule: the lr per step (make_schedule), or a constant lr.
   """
   if schedule is None:
     raise OptimError('make_optimizer: no schedule (lr) given')
-  return optax.partition({TRAINABLE: torch_optimizer(optimizer, schedule), FROZEN: optax.set_to_zero()},
-                         param_labels(params, trainable))
+  top = resolve_optimizer(torch_kwargs(optimizer))['lr']
+
+  def schedule_of(lr):
+    if lr == top:
+      return schedule
+    if not top:
+      raise OptimError('optimizer: a group\'s lr is relative to the optimizer\'s lr, which is 0')
+    return (lambda step: schedule(step) * (lr / top)) if callable(schedule) else schedule * lr / top
+
+  return make_stage_optimizer(params, trainable, optimizer, schedule_of)
+
+
+# ------------------------------------------------------------------------- parameter groups
+
+# Per-stage optimizer arguments, as torch's param_groups: `groups` (each overrides any argument of
+# the optimizer for the stages it names), `layer_decay` (timm's param_groups_layer_decay: the lr of a
+# stage `depth` stages before the head is lr * layer_decay ** depth) and the weight-decay masks
+# (torchvision's reference-script flags norm_weight_decay / bias_weight_decay).
+GROUP_KEYS = ('groups', 'layer_decay', 'norm_weight_decay', 'bias_weight_decay')
+NORM, BIAS = 'norm', 'bias'
+BASE = 'base'   # the label of the stages no group names
+
+
+def torch_kwargs(optimizer: Mapping) -> dict:
+  """`optimizer` without the keys torch.optim's constructor does not take (GROUP_KEYS)."""
+  return {k: v for k, v in optimizer.items() if k not in GROUP_KEYS}
+
+
+def norm_mask(params: Mapping) -> dict:
+  """Leaf -> whether it belongs to a normalisation layer (BatchNorm, LayerNorm, GroupNorm).
+
+  The rule: Flax's norm modules hold a 1-D `scale` (torch's weight) and a `bias`, and no other
+  module of ours has a `scale`; so a 1-D `scale` and the `bias` beside it are norm parameters. This
+  equals torchvision's `isinstance(module, norm_classes)` on every family (tests/test_optim_toolkit.py).
+  """
+  def walk(node):
+    names = {k for k, v in node.items() if not isinstance(v, Mapping)}
+    has_scale = 'scale' in names and np.ndim(node['scale']) == 1
+    return {k: walk(v) if isinstance(v, Mapping) else has_scale and k in ('scale', 'bias')
+            for k, v in node.items()}
+
+  return walk(params)
+
+
+def bias_mask(params: Mapping) -> dict:
+  """Leaf -> whether it is named `bias`, as torchvision's `custom_keys_weight_decay=[('bias', wd)]`
+  matches a parameter's own name (so MultiheadAttention's `in_proj_bias` is not one)."""
+  def walk(node):
+    return {k: walk(v) if isinstance(v, Mapping) else k == 'bias' for k, v in node.items()}
+
+  return walk(params)
+
+
+def stage_depths(stages: Sequence[str], head: Sequence[str]) -> dict[str, int]:
+  """Stage -> its depth for layer decay: 0 for the head stages, 1 for the last stage before them, ...
+
+  Args:
+    stages: the model's stages, input to output (`models.arch_stages(arch)`).
+    head: the stages that get the stage's own lr (`models.HEAD`; a TransferModel's head submodules).
+  """
+  backbone = [s for s in stages if s not in head]
+  depths = {s: len(backbone) - i for i, s in enumerate(backbone)}
+  depths.update({s: 0 for s in head})
+  return depths
+
+
+def resolve_groups(optimizer: Mapping, known: Mapping[str, Sequence[str]], where: str = 'optimizer') -> dict:
+  """{stage: group index} for `optimizer['groups']`, checked: every name known, no stage twice.
+
+  Args:
+    optimizer: the optimizer's spec (its 'groups': [{'stages': [...], **arguments}, ...]).
+    known: names a group may use -> the stages they stand for (`models.stage_groups`: each stage,
+      'features' and 'head').
+    where: the key path for the messages.
+  """
+  groups = optimizer.get('groups') or []
+  if groups and optimizer.get('layer_decay') is not None:
+    raise OptimError(f'{where}: give groups or layer_decay, not both (layer_decay sets each stage\'s lr itself)')
+  owner: dict[str, int] = {}
+  for i, group in enumerate(groups):
+    names = group.get('stages') if isinstance(group, Mapping) else None
+    if not isinstance(names, (list, tuple)) or not names:
+      raise OptimError(f'{where}.groups[{i}].stages: name at least one stage, got {names!r}')
+    for name in names:
+      if name not in known:
+        raise OptimError(f'{where}.groups[{i}].stages: no stage {name!r}; stages are '
+                         f'{", ".join(s for s in known)}')
+      for stage in known[name]:
+        if stage in owner:
+          raise OptimError(f'{where}.groups[{i}].stages: stage {stage!r} is already in groups[{owner[stage]}]; '
+                           'name each stage in one group')
+        owner[stage] = i
+  return owner
+
+
+def check_param_groups(optimizer: Mapping, arch: str, where: str = 'optimizer') -> None:
+  """OptimError (naming `where`'s key path) for groups / layer_decay that `arch` cannot take: a stage
+  it does not have, a stage in two groups, both keys together, a group's arguments torch rejects."""
+  stages = models.arch_stages(arch)
+  resolve_groups(optimizer, models.stage_groups({s: s for s in stages}), where)
+  for i, group in enumerate(optimizer.get('groups') or []):
+    overrides = {k: v for k, v in group.items() if k != 'stages' and v is not None}
+    try:
+      resolve_optimizer({**torch_kwargs(optimizer), **overrides})
+    except OptimError as e:
+      raise OptimError(f'{where}.groups[{i}]: {e}') from None
+
+
+def _label_specs(optimizer: Mapping, stages: Sequence[str], owner: Mapping[str, int],
+                 depths: Optional[Mapping[str, int]]) -> tuple[dict[str, str], dict[str, dict]]:
+  """(stage -> its group's label, label -> torch's arguments with lr) for every one of `stages`."""
+  base = torch_kwargs(optimizer)
+  stage_label, specs = {}, {}
+  for stage in stages:
+    if depths is not None:
+      depth = depths[stage]
+      label, spec = f'depth{depth}', {**base, 'lr': base['lr'] * optimizer['layer_decay'] ** depth}
+    elif stage in owner:
+      index = owner[stage]
+      label = f'group{index}'
+      spec = {**base, **{k: v for k, v in optimizer['groups'][index].items() if k != 'stages' and v is not None}}
+    else:
+      label, spec = BASE, base
+    stage_label[stage] = label
+    specs[label] = spec
+  return stage_label, specs
+
+
+def optimizer_labels(params: Mapping, trainable: str | Sequence[str], optimizer: Mapping,
+                     arch: Optional[str] = None) -> tuple[dict, dict[str, dict]]:
+  """The label tree of a stage's optimizer and each label's torch arguments.
+
+  A leaf's label is FROZEN, or its param group: `BASE`, `group<i>` (optimizer.groups[i]) or
+  `depth<d>` (layer_decay), followed by '.norm' / '.bias' where norm_weight_decay /
+  bias_weight_decay give it its own weight decay. A parameter named `bias` takes bias_weight_decay
+  even inside a norm layer, as torchvision's reference script checks its custom keys first.
+
+  Args:
+    params: the model's params.
+    trainable: a strategy name or a list of stages (`param_labels`).
+    optimizer: {'name', **torch's arguments, 'groups', 'layer_decay', 'norm_weight_decay',
+      'bias_weight_decay'}.
+    arch: the model's arch: its stages' order gives layer_decay's depths (needed for layer_decay).
+  """
+  spec = resolve_optimizer(torch_kwargs(optimizer))
+  spec.update({k: optimizer.get(k) for k in GROUP_KEYS})
+  tree = models.stage_tree(params)
+  known = models.stage_groups(tree)
+  owner = resolve_groups(spec, known)
+  depths = None
+  if spec['layer_decay'] is not None:
+    decay = _number('optimizer', 'layer_decay', spec['layer_decay'])
+    _check(0 < decay <= 1, 'optimizer', 'layer_decay', 'in (0, 1]', decay)
+    if arch is None:
+      raise OptimError('optimizer: layer_decay needs the arch (the order of its stages)')
+    order = [s for s in models.arch_stages(arch) if s != models.HEAD] + list(known[models.HEAD])
+    depths = stage_depths(order, known[models.HEAD])
+  for key in ('norm_weight_decay', 'bias_weight_decay'):
+    if spec[key] is not None:
+      _check(_number('optimizer', key, spec[key]) >= 0, 'optimizer', key, '>= 0', spec[key])
+  stages = [s for selected in known.values() for s in selected]
+  stage_label, base_specs = _label_specs(spec, list(dict.fromkeys(stages)), owner, depths)
+  for label in base_specs:
+    base_specs[label] = resolve_optimizer(base_specs[label])
+  coarse = param_labels(params, trainable)
+  norms, biases = norm_mask(params), bias_mask(params)
+  specs: dict[str, dict] = {}
+
+  def label(node, stage, kind, is_norm, is_bias):
+    if isinstance(node, Mapping):
+      return {k: label(v, stage[k] if isinstance(stage, Mapping) else stage,
+                       kind[k] if isinstance(kind, Mapping) else kind, is_norm[k], is_bias[k]) for k, v in node.items()}
+    if kind == FROZEN:
+      return FROZEN
+    name, group_spec = stage_label[stage], base_specs[stage_label[stage]]
+    if is_bias and spec['bias_weight_decay'] is not None:
+      name, group_spec = f'{name}.{BIAS}', {**group_spec, 'weight_decay': spec['bias_weight_decay']}
+    elif is_norm and spec['norm_weight_decay'] is not None:
+      name, group_spec = f'{name}.{NORM}', {**group_spec, 'weight_decay': spec['norm_weight_decay']}
+    specs[name] = group_spec
+    return name
+
+  return label(params, tree, coarse, norms, biases), specs
+
+
+# ------------------------------------------------------------------------ clipping, accumulation
+
+
+def clip_grad_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_(params, max_norm): every gradient times
+  min(max_norm / (total_norm + 1e-6), 1), total_norm the 2-norm of all of them together.
+
+  optax.clip_by_global_norm scales by max_norm / total_norm, only above max_norm, and without the 1e-6.
+  """
+  def update_fn(updates, state, params=None):
+    del params
+    leaves = jax.tree.leaves(updates)
+    total_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in leaves)) if leaves else jnp.zeros([])
+    coef = jnp.minimum(max_norm / (total_norm + 1e-6), 1.0)
+    return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def _before(first: optax.GradientTransformation, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`first` (stateless) then `inner`, with `inner`'s state alone: adding or removing `first` (e.g.
+  clipping, on --resume after a stop on a non-finite loss) keeps the optimizer state's structure."""
+  def update_fn(updates, state, params=None, **extra):
+    updates, _ = first.update(updates, optax.EmptyState(), params)
+    return inner.update(updates, state, params, **extra)
+
+  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def optimizer_steps_per_epoch(batches_per_epoch: int, accumulate: int = 1) -> int:
+  """Optimizer steps in an epoch of `batches_per_epoch` with `accumulate` batches per step: the last
+  step of an epoch takes the batches left (fewer than `accumulate`), so no step spans two epochs."""
+  return -(-batches_per_epoch // accumulate)
+
+
+def accumulation_sizes(accumulate: int, batches_per_epoch: Optional[int] = None) -> Callable:
+  """Optimizer step -> how many batches it accumulates: `accumulate`, and at an epoch's end the
+  batches left (`batches_per_epoch` not divisible by it); None: always `accumulate`."""
+  if batches_per_epoch is None:
+    return lambda step: accumulate
+  steps = optimizer_steps_per_epoch(batches_per_epoch, accumulate)
+  last = batches_per_epoch - accumulate * (steps - 1)
+  return lambda step: jnp.where(step % steps == steps - 1, last, accumulate)
+
+
+class GroupMeanState(NamedTuple):
+  count: jax.Array
+
+
+def _mean_of_group(sizes: Callable) -> optax.GradientTransformation:
+  """Summed gradients of a step's batches -> their mean: divided by sizes(step), the step counted
+  here (inside optax.MultiSteps it moves on only when a step is taken)."""
+  def init_fn(params):
+    return GroupMeanState(jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    size = sizes(state.count)
+    return (jax.tree.map(lambda g: g / jnp.asarray(size, g.dtype), updates),
+            GroupMeanState(optax.safe_increment(state.count)))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def accumulated(inner: optax.GradientTransformation, accumulate: int,
+                batches_per_epoch: Optional[int] = None) -> optax.GradientTransformation:
+  """One step of `inner` per `accumulate` batches on the mean of their gradients (optax.MultiSteps),
+  as torch's loop with `loss / accumulate` and `optimizer.step()` every `accumulate` batches.
+
+  The gradients are summed and divided at the step (not averaged as they come, optax's default), so
+  a batch whose update on_nonfinite: skip_step drops adds nothing and the others keep their weight
+  1 / accumulate, as a skipped `backward()` would. With `batches_per_epoch`, an epoch's last step
+  takes the batches left, divided by their count (timm's loop), so every step lies in one epoch.
+  """
+  sizes = accumulation_sizes(accumulate, batches_per_epoch)
+  return optax.MultiSteps(optax.chain(_mean_of_group(sizes), inner), every_k_schedule=sizes,
+                          use_grad_mean=False, accumulator_dtype=jnp.result_type(float)).gradient_transformation()
+
+
+def _labels_by_path(labels: Mapping) -> Callable:
+  """A label function for optax.partition that looks each leaf's label up by its path, so it also
+  labels a tree with optax's masked-out leaves (the trainable part of the params)."""
+  def fn(tree):
+    def lookup(path, _):
+      node = labels
+      for key in path:
+        node = node[key.key]
+      return node
+    return jax.tree_util.tree_map_with_path(lookup, tree)
+
+  return fn
+
+
+def make_stage_optimizer(params: Mapping, trainable: str | Sequence[str], optimizer: Mapping,
+                         schedule_of: Callable[[float], optax.ScalarOrSchedule], *, arch: Optional[str] = None,
+                         clip_grad_norm_to: Optional[float] = None, accumulate: int = 1,
+                         batches_per_epoch: Optional[int] = None) -> optax.GradientTransformation:
+  """A stage's whole optimizer: param groups, clipping and accumulation on the trainable params,
+  set_to_zero on the frozen ones.
+
+  Per trainable step: gradients summed over `accumulate` batches and divided by their count
+  (`accumulated`), clipped as torch's clip_grad_norm_ (`clip_grad_norm`), then each param group's
+  torch optimizer with its own lr schedule.
+
+  Args:
+    params, trainable, optimizer, arch: as `optimizer_labels` takes them.
+    schedule_of: a group's base lr -> its lr per optimizer step (make_schedule with that lr: torch's
+      schedulers scale every group's lr, each from its own initial lr).
+    clip_grad_norm_to: max_norm, or None.
+    accumulate: batches per optimizer step.
+    batches_per_epoch: for `accumulated`'s last step of an epoch; None: every step takes `accumulate`.
+  """
+  labels, specs = optimizer_labels(params, trainable, optimizer, arch)
+  transforms = {label: torch_optimizer(spec, schedule_of(spec['lr'])) for label, spec in specs.items()}
+  if not transforms:
+    learn = optax.set_to_zero()
+  elif len(transforms) == 1:
+    learn, = transforms.values()   # one group: the plain optimizer (and its state)
+  else:
+    learn = optax.partition(transforms, _labels_by_path(labels))
+  if clip_grad_norm_to is not None:
+    _check(_number('clip_grad_norm', 'max_norm', clip_grad_norm_to) > 0, 'clip_grad_norm', 'max_norm', '> 0',
+           clip_grad_norm_to)
+    learn = _before(clip_grad_norm(clip_grad_norm_to), learn)
+  _number('accumulate', 'accumulate', accumulate, integer=True)
+  _check(accumulate >= 1, 'accumulate', 'accumulate', '>= 1', accumulate)
+  if accumulate > 1:
+    learn = accumulated(learn, accumulate, batches_per_epoch)
+  coarse = jax.tree.map(lambda label: FROZEN if label == FROZEN else TRAINABLE, labels)
+  return optax.partition({TRAINABLE: learn, FROZEN: optax.set_to_zero()}, coarse)

@@ -231,6 +231,93 @@ def save_confusion_matrix(confusion, class_names: Sequence[str], path: str | Pat
   return _save(fig, path)
 
 
+def save_reliability_diagram(panels: Sequence[tuple[str, dict]], path: str | Path,
+                             title: str = 'reliability') -> Path:
+  """Writes one reliability diagram per panel: accuracy per confidence bin against the diagonal.
+
+  Each bar is a bin's accuracy; the red part up to the bin's mean confidence is the gap the ECE
+  averages (weighted by the bin's share, drawn below as a histogram). Two panels show the
+  calibration before and after temperature scaling side by side.
+
+  Args:
+    panels: (panel title, `tl_jax.calibration.calibration_metrics`' dict) per panel.
+    path: destination PNG; parent directories are created.
+    title: figure title.
+
+  Returns:
+    `path` as a Path.
+  """
+  if not panels:
+    raise ValueError('no calibration to plot')
+  fig = Figure(figsize=(4.2 * len(panels), 5.4), dpi=DPI, layout='constrained')
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, gridspec_kw={'height_ratios': [3, 1]})
+  for col, (name, calibration) in enumerate(panels):
+    bins = calibration['bins']
+    if not bins or not sum(b['count'] for b in bins):
+      raise ValueError(f'panel {name!r} has no samples in its bins')
+    lower = np.array([b['lower'] for b in bins])
+    width = np.array([b['upper'] - b['lower'] for b in bins])
+    counts = np.array([b['count'] for b in bins])
+    acc = np.array([b['accuracy'] for b in bins])
+    conf = np.array([b['confidence'] for b in bins])
+    full = counts > 0
+    ax, hist = axes[0, col], axes[1, col]
+    ax.plot([0, 1], [0, 1], '--', color='0.5', linewidth=1, label='perfect calibration')
+    ax.bar(lower[full], acc[full], width[full], align='edge', color='tab:blue', edgecolor='white',
+           label='accuracy')
+    ax.bar(lower[full], conf[full] - acc[full], width[full], bottom=acc[full], align='edge', color=WRONG_COLOR,
+           alpha=0.35, edgecolor=WRONG_COLOR, label='gap to confidence')
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel('accuracy')
+    ax.set_title(f'{name}\nECE {calibration["ece"]:.4f}, MCE {calibration["mce"]:.4f}', fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small', loc='upper left')
+    hist.bar(lower, counts, width, align='edge', color='0.55', edgecolor='white')
+    hist.set_xlabel('confidence (top probability)')
+    hist.set_ylabel('images')
+    hist.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=3))
+  fig.suptitle(title)
+  return _save(fig, path)
+
+
+def save_coverage_curve(coverage: Sequence[float], accuracy: Sequence[float], table: Sequence[dict],
+                        path: str | Path, title: str = 'coverage and accuracy') -> Path:
+  """Writes the accuracy of the answered images against the share answered, answering the most
+  confident first; the thresholds of `table` (`tl_jax.calibration.coverage_table`) are marked.
+
+  Args:
+    coverage, accuracy: the curve (`tl_jax.calibration.coverage_curve`), coverage increasing.
+    table: rows {'threshold', 'coverage', 'accuracy'}; rows that answer nothing are left out.
+    path: destination PNG; parent directories are created.
+    title: figure title.
+
+  Returns:
+    `path` as a Path.
+  """
+  coverage, accuracy = np.asarray(coverage, np.float64), np.asarray(accuracy, np.float64)
+  if coverage.ndim != 1 or coverage.shape != accuracy.shape or not len(coverage):
+    raise ValueError(f'coverage and accuracy must be equal-length 1-D curves, got {coverage.shape} '
+                     f'and {accuracy.shape}')
+  fig = Figure(figsize=(6.0, 4.2), dpi=DPI, layout='constrained')
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  ax.plot(coverage, accuracy, '.-', color='tab:blue', markersize=3)
+  shown = [row for row in table if row['accuracy'] is not None]
+  ax.plot([r['coverage'] for r in shown], [r['accuracy'] for r in shown], 'o', color='tab:red', markersize=4)
+  for row in shown:
+    ax.annotate(f'P={row["threshold"]:g}', (row['coverage'], row['accuracy']), textcoords='offset points',
+                xytext=(4, -10), fontsize=7)
+  ax.set_xlim(0, 1.02)
+  ax.set_ylim(max(0.0, float(np.nanmin(accuracy)) - 0.05), 1.01)
+  ax.set_xlabel('share of images answered (top probability >= P)')
+  ax.set_ylabel('accuracy of the answered images')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  return _save(fig, path)
+
+
 def _epoch_axis(ax, epochs: np.ndarray) -> None:
   ax.set_xlabel('epoch')
   ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
@@ -303,3 +390,16 @@ def _save(fig: Figure, path: str | Path) -> Path:
     # Break the figure's reference cycles now rather than at the next gc pass.
     fig.clear()
   return path
+
+
+def save_thumbnails(images_bhwc: np.ndarray, titles: Sequence[str], path: str | Path, ncols: int,
+                    title: str = '', colors: Sequence = ()) -> Path:
+  """Images in [0, 1] (B, H, W, 3) in rows of `ncols` panels, each captioned (a data check's
+  duplicate pairs side by side, its likely mislabels)."""
+  images = _check_images(images_bhwc)
+  if len(titles) != len(images):
+    raise ValueError(f'{len(titles)} titles for {len(images)} images')
+  fig = _image_grid(images, [_wrap(t) for t in titles], list(colors) or [None] * len(images), ncols)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)

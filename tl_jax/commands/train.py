@@ -5,6 +5,7 @@
   python scripts/train.py --strategy two-stage   # fc first (--head-epochs), then all layers at lr/10
   python scripts/train.py --trainable layer4,head           # partial unfreezing, one stage
   python scripts/train.py --config configs/resnet101_two_stage.yaml --data data/weather
+  python scripts/train.py --config configs/resnet101_two_stage.yaml --lr-find   # LR range test only
 
 Values come from --config, else the --strategy preset (tl_jax/presets/); flags override them.
 --epochs, --lr and --bn apply to every stage of the recipe (with --strategy two-stage, --epochs is
@@ -57,6 +58,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
                       help='warn about and drop unreadable images instead of stopping')
   parser.add_argument('--dtype', choices=['float32', 'bfloat16'],
                       help='compute dtype of convolutions and matmuls (params, BN statistics and loss stay float32)')
+  parser.add_argument('--no-winograd', dest='winograd', action='store_false', default=None,
+                      help='ResNets/VGG on CPU: direct 3x3 convolutions everywhere (default: Winograd where '
+                           'measured faster, model.winograd)')
   parser.add_argument('--devices', type=int, help='use the first N local devices (default: all); the batch is '
                                                   'split over them')
   parser.add_argument('--coordinator', help='multi-process run: HOST:PORT of process 0 (with --num-processes and '
@@ -65,6 +69,19 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None)
   parser.add_argument('--process-id', type=int, help='multi-process run: this process, 0..N-1')
   parser.add_argument('--resume', action='store_true', help='continue the run in --workdir')
   parser.add_argument('--no-progress', action='store_true', help='no progress bars')
+  finder = parser.add_argument_group('LR range test (tl_jax.training.lr_find; trains nothing, touches no checkpoint)')
+  finder.add_argument('--lr-find', action='store_true',
+                      help='sweep the lr exponentially over a copy of the recipe\'s initial state, write '
+                           'WORKDIR/lr_find.png and print a suggested lr, then exit')
+  finder.add_argument('--start-lr', type=float, help='--lr-find: first lr (default 1e-7)')
+  finder.add_argument('--end-lr', type=float, help='--lr-find: last lr (default 10)')
+  finder.add_argument('--steps', type=int, help='--lr-find: optimizer steps of the sweep (default 100)')
+  finder.add_argument('--stage', help='--lr-find: the recipe\'s stage (name or index) whose trainable stages '
+                                      'and optimizer it uses (default: the first)')
+  parser.add_argument('--no-tensorboard', dest='tensorboard', action='store_false',
+                      help='write no TensorBoard log (default: WORKDIR/tb/, `tensorboard --logdir WORKDIR/tb`)')
+  parser.add_argument('--tb-every', type=int, default=10,
+                      help='TensorBoard: log the train loss, accuracy and lr every N train steps (0: per epoch only)')
   return parser.parse_args(argv)
 
 
@@ -89,11 +106,31 @@ def main(argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> in
                'arch': args.arch, 'batch_size': args.batch_size, 'eval_batch_size': args.eval_batch_size,
                'seed': args.seed, 'workers': args.workers, 'skip_bad_images': args.skip_bad_images,
                'trainable': args.trainable, 'dtype': args.dtype, 'tfds_data_dir': args.tfds_data_dir, 'tfds_download': args.tfds_download,
-               'cache_features': args.cache_features}
+               'cache_features': args.cache_features, 'winograd': args.winograd}
   given = {k: v for k, v in overrides.items() if v is not None}
   config = config_lib.validate(config_lib.apply_overrides(values, given),
                                f' in {path}' + (' with the command-line flags' if given else ''))
   workdir = args.workdir or f'runs/{strategy or path.stem}'
-  train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress, devices=args.devices)
+  finder_flags = {'--start-lr': args.start_lr, '--end-lr': args.end_lr, '--steps': args.steps, '--stage': args.stage}
+  if not args.lr_find and any(v is not None for v in finder_flags.values()):
+    raise config_lib.ConfigError(f'{", ".join(k for k, v in finder_flags.items() if v is not None)} '
+                                 'belong to --lr-find; add --lr-find or leave them out')
+  if args.lr_find:
+    if args.resume:
+      raise config_lib.ConfigError('--lr-find sweeps from the recipe\'s initial weights; leave out --resume')
+    from tl_jax.training.lr_find import lr_find
+    lr_find(config, workdir, stage=args.stage if args.stage is not None else 0,
+            start_lr=1e-7 if args.start_lr is None else args.start_lr,
+            end_lr=10.0 if args.end_lr is None else args.end_lr, steps=100 if args.steps is None else args.steps,
+            devices=args.devices, progress=not args.no_progress)
+    return 0
+  callbacks = []
+  if args.tensorboard:
+    from tl_jax.training.tensorboard import TensorBoard
+    if args.tb_every < 0:
+      raise config_lib.ConfigError(f'--tb-every must be >= 0 (0: per epoch only), got {args.tb_every}')
+    callbacks.append(TensorBoard(every=args.tb_every))
+  train_and_evaluate(config, workdir, resume=args.resume, progress=not args.no_progress, devices=args.devices,
+                     callbacks=callbacks)
   return 0
 

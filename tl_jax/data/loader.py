@@ -58,7 +58,7 @@ def pipeline_row(pipeline: Pipeline, img: Image.Image, rng: Optional[np.random.G
 @dataclasses.dataclass
 class Batch:
   images: np.ndarray   # (B, H, W, 3) float32 (or uint8, normalised on the device)
-  labels: np.ndarray   # (B,) int32
+  labels: np.ndarray   # (B,) int32, or (B, C) float32 0/1 rows for multi-label data
   mask: np.ndarray     # (B,) bool, False on padding rows
   indices: np.ndarray  # (B,) dataset index per row, -1 on padding
 
@@ -73,7 +73,9 @@ def padded_batch(rows, template: np.ndarray, labels, indices, size: int) -> Batc
   images = np.zeros((size,) + template.shape, template.dtype)   # float32, or uint8 for the device to normalise
   if valid:   # a process's share of the last batch may be all padding
     images[:valid] = rows
-  padded_labels = np.zeros(size, np.int32)
+  # A multi-label sample's label is a row of C 0/1 values (tl_jax.data.multilabel): (B, C) float32.
+  row_shape = np.shape(labels[0]) if valid else ()
+  padded_labels = np.zeros((size,) + row_shape, np.float32 if row_shape else np.int32)
   padded_labels[:valid] = labels
   padded_indices = np.full(size, -1, np.int64)
   padded_indices[:valid] = indices

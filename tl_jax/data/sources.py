@@ -4,6 +4,7 @@
 - `FOLDER` whose sub-folders are the classes: split per class and seeded (`tl_jax.data.split`),
   the file lists saved in the run directory.
 - `tfds:NAME[/CONFIG][:VERSION]`: a prepared TensorFlow Datasets set (`tl_jax.data.tfds`).
+- `FILE.csv` with `path,labels[,split]`: a multi-label set (`tl_jax.data.multilabel`).
 
 Every kind gives the same thing: `train` and `val` with `.samples` ((key, label) pairs) and
 `.classes`, and one `load(key) -> PIL RGB image` for `Loader(load=...)`, so batches go through
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional
 
 from PIL import Image
 
+from tl_jax.data import multilabel
 from tl_jax.data.folder import DataError, check_same_classes, drop_bad_images, load_image
 from tl_jax.data.split import SPLIT_FILE, split_folder
 from tl_jax.data.tfds import PREFIX as TFDS_PREFIX
@@ -48,6 +50,11 @@ class Data:
   def classes(self) -> list[str]:
     return self.train.classes
 
+  @property
+  def multi_label(self) -> bool:
+    """Several labels per image: each sample's label is a row of C 0/1 values."""
+    return bool(self.source.get('multi_label'))
+
   def describe(self) -> dict:
     """JSON-able record of the source (kind, path or TFDS name/version, splits, counts) for checkpoints."""
     return {**self.source, 'counts': {'train': len(self.train.samples), 'val': len(self.val.samples)},
@@ -61,7 +68,8 @@ def load_data(path: str, *, workdir: Optional[Path], seed: int, skip_bad_images:
   """The train and val samples of `path`, checked; bad images raise or (skip_bad_images) are dropped.
 
   Args:
-    path: a folder with train/ and val/, a folder of class folders, or 'tfds:NAME[/CONFIG][:VERSION]'.
+    path: a folder with train/ and val/, a folder of class folders, 'tfds:NAME[/CONFIG][:VERSION]', or a
+      labels CSV (multi-label, tl_jax.data.multilabel).
     workdir: run directory; a single folder's split is saved there and read back on resume.
     seed: the single folder's split.
     skip_bad_images: drop unreadable images with a warning instead of stopping.
@@ -77,6 +85,9 @@ def load_data(path: str, *, workdir: Optional[Path], seed: int, skip_bad_images:
   if path.startswith(TFDS_PREFIX):
     train, val, load, source = _tfds_data(path[len(TFDS_PREFIX):], train_split, val_split, tfds_data_dir,
                                           tfds_download, log)
+  elif multilabel.is_labels_csv(path):
+    train, val, source = multilabel.read_labels_csv(path, val_fraction, seed)
+    load = load_image
   else:
     if train_split is not None or val_split is not None:
       raise SourceError(f'--data {path}: data.train_split and data.val_split apply to tfds: sets only; a '
@@ -86,9 +97,13 @@ def load_data(path: str, *, workdir: Optional[Path], seed: int, skip_bad_images:
   skipped = 0
   checked = {}
   for phase, split in (('train', train), ('val', val)):
-    checked[phase], dropped = drop_bad_images(
-        split, skip_bad_images, warn=lambda m: log(f'warning: {m}'), num_threads=max(workers, 1),
-        load=None if load is load_image else load)
+    if source['kind'] == multilabel.KIND:
+      checked[phase], dropped = multilabel.drop_bad_rows(split, skip_bad_images, lambda m: log(f'warning: {m}'),
+                                                         max(workers, 1))
+    else:
+      checked[phase], dropped = drop_bad_images(
+          split, skip_bad_images, warn=lambda m: log(f'warning: {m}'), num_threads=max(workers, 1),
+          load=None if load is load_image else load)
     skipped += dropped
   if skipped:
     log(f'skipped {skipped} unreadable image(s)')

@@ -29,6 +29,8 @@ from tl_jax import cli
 from tl_jax.config import CheckpointEvery
 
 SUM_KEYS = ('loss_sum', 'correct', 'count')
+# Summed when a loss returns them: 'rows', the valid rows under a weighted loss whose count is their weight.
+OPTIONAL_SUM_KEYS = ('rows',)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -88,7 +90,7 @@ class StepSums:
     self._pending: collections.deque = collections.deque()
 
   def add(self, sums: dict) -> None:
-    self._pending.append({k: sums[k] for k in (*SUM_KEYS, 'finite', 'skipped') if k in sums})
+    self._pending.append({k: sums[k] for k in (*SUM_KEYS, *OPTIONAL_SUM_KEYS, 'finite', 'skipped') if k in sums})
     self.dispatched += 1
     while self._pending and all(_ready(v) for v in self._pending[0].values()):
       self._read(self._pending.popleft())
@@ -108,6 +110,9 @@ class StepSums:
       self.progress.skipped += 1
     for k in SUM_KEYS:
       self.progress.totals[k] += _host_float(sums[k])
+    for k in OPTIONAL_SUM_KEYS:
+      if k in sums:
+        self.progress.totals[k] = self.progress.totals.get(k, 0.0) + _host_float(sums[k])
     self.progress.steps += 1
 
 

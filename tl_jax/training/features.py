@@ -18,8 +18,10 @@ from tl_jax.training.steps import features_step
 
 def feature_plan(config: Config, index: int, train_deterministic: bool) -> feature_cache.Plan:
   """Which phases of stage `index` read cached backbone features (tl_jax.feature_cache)."""
+  # MixUp/CutMix mix the images, so the train phase cannot read features computed once.
+  mixing = config.data.mixup_alpha > 0 or config.data.cutmix_alpha > 0
   return feature_cache.plan(config.model.arch, config.trainable_stages(index), config.stages[index].bn,
-                            train_deterministic, config.data.cache_features, jax.process_count())
+                            train_deterministic and not mixing, config.data.cache_features, jax.process_count())
 
 
 def cached_loaders(plan: feature_cache.Plan, model, state: TrainState, stage: Stage, train_loader: Loader,

@@ -29,8 +29,9 @@ from tl_jax.training.faults import PhaseProgress
 from tl_jax.training.features import cached_loaders, feature_plan
 from tl_jax.training.finish import TrainResult, final_outputs
 from tl_jax.training.pipeline import Pipeline, make_pipeline
-from tl_jax.training.stages import Stage, initial_variables, setup_stage
-from tl_jax.training.state import TrainState, model_variables, state_tree
+from tl_jax.training.stages import Stage, initial_variables, is_multi_label, recipe_loss, setup_stage
+from tl_jax.training import early_stopping
+from tl_jax.training.state import TrainState, eval_variables, model_variables, state_tree
 from tl_jax.weights import resolve_weights
 
 _DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}   # None: the inputs' dtype (float32)
@@ -84,6 +85,8 @@ class Run:
   best_epoch: int = -1
   compile_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
   compiled: dict = dataclasses.field(default_factory=dict)   # steps shared between stages
+  early_stopping: dict = dataclasses.field(default_factory=dict)   # stage name -> its record
+  resumed_ema: Any = None           # the moving average of the weights restored for the stage resumed
 
   @property
   def class_names(self) -> list[str]:
@@ -174,20 +177,41 @@ def run_epoch(stage: Stage, state: TrainState, train_loader: Loader, val_loader:
     raise faults.NonFiniteError('every train step non-finite (and skipped)')
   t1 = time.perf_counter()
   val_guard = functools.partial(guard.after_val_step, train) if guard else None
-  _, val = run_steps(stage.eval_fn, state, val_loader, epoch, False, progress, 'val', put, callbacks, run,
+  scores = _ValScores() if run is not None and run.pipeline.data.multi_label else None
+  val_hooks = _Callbacks([c for c in (callbacks, scores) if c is not None]) if scores else callbacks
+  _, val = run_steps(stage.eval_fn, state, val_loader, epoch, False, progress, 'val', put, val_hooks, run,
                      guard=val_guard)
   val_seconds = time.perf_counter() - t1
   return state, {
       'epoch': epoch, 'stage': stage.name, 'stage_epoch': epoch - stage.first_epoch,
       'lr': stage.lrs[epoch - stage.first_epoch],
       'train_loss': train.totals['loss_sum'] / train.totals['count'],
-      'train_acc': train.totals['correct'] / train.totals['count'],
+      # A weighted loss's count is the rows' weight (tl_jax.losses); accuracy counts rows.
+      'train_acc': train.totals['correct'] / train.totals.get('rows', train.totals['count']),
       'val_loss': val.totals['loss_sum'] / val.totals['count'],
-      'val_acc': val.totals['correct'] / val.totals['count'],
+      'val_acc': val.totals['correct'] / val.totals.get('rows', val.totals['count']),
       'train_seconds': train.seconds, 'val_seconds': val_seconds, 'seconds': train.seconds + val_seconds,
       'data_wait_seconds': train.starved, 'train_steps': len(train_loader), 'feature_seconds': feature_seconds,
       'skipped_steps': train.skipped,
+      **({'val_mAP': scores.mean_average_precision()} if scores else {}),
   }
+
+
+class _ValScores(Callback):
+  """A multi-label val phase's outputs and targets, for its mAP (tl_jax.metrics): val_acc is then subset
+  accuracy, too strict to rank epochs by."""
+
+  def __init__(self):
+    self.parts = []
+
+  def on_step_end(self, run, phase, step, sums):
+    if phase == 'val':
+      self.parts.append((sums['outputs'], sums['targets'], sums['mask']))
+
+  def mean_average_precision(self) -> float:
+    from tl_jax import metrics
+    outputs, targets, mask = (np.concatenate([parallel.gather_rows(p[i]) for p in self.parts]) for i in range(3))
+    return metrics.mean_average_precision(targets[mask], outputs[mask])
 
 
 class EpochGuard:
@@ -248,12 +272,15 @@ def _setup(config: Config, run_dir: RunDir, progress: bool, devices: Optional[in
   pipeline = make_pipeline(config, weights.preprocessing, run_dir.path, log)
   num_classes = len(pipeline.data.classes)
   crop_size = weights.preprocessing.crop_size   # ViT's position embedding is built for it
-  model = create_model(config.model.arch, num_classes, dtype=_DTYPES[config.model.dtype], image_size=crop_size)
+  # winograd None: the family's default (on where it has Winograd convolutions); False: off.
+  model = create_model(config.model.arch, num_classes, dtype=_DTYPES[config.model.dtype], image_size=crop_size,
+                       winograd=None if config.model.winograd else False)
   variables = initial_variables(config.model.arch, num_classes, config.seed, weights.state_dict, crop_size)
   metadata = checkpoint.make_metadata(
       config.model.arch, num_classes, weights.preprocessing.to_dict(), pipeline.data.classes,
       source=weights.source, data=pipeline.data.describe(), stages=[s.name for s in config.stages],
-      val_transforms=pipeline.transforms.val.to_spec(), config=config.to_dict())
+      val_transforms=pipeline.transforms.val.to_spec(), config=config.to_dict(),
+      multi_label=pipeline.data.multi_label)   # a sigmoid head: evaluate/predict score it per class
   log(f'devices: {parallel.describe(mesh)}; batches of {config.data.batch_size} '
       f'({"uint8, normalised on the device" if pipeline.uint8 else "float32"}); compute {config.model.dtype}')
   examples = (next(iter(pipeline.train.epoch(0))).as_dict(), next(iter(pipeline.val.epoch(0))).as_dict())
@@ -288,12 +315,17 @@ def resume_point(run: Run, variables: dict) -> tuple[dict, int, Any, int, Option
   meta, tree = restored.meta, restored.state
   run.history = meta['history']
   run.best_val_acc, run.best_epoch = meta['best_val_acc'], meta['best_epoch']
+  run.early_stopping = dict(meta.get('early_stopping') or {})
   epoch = _saved_epoch(meta)
   partial = PhaseProgress.from_json(meta['partial']) if meta.get('partial') else None
   start_epoch = epoch if partial else epoch + 1
   opt_state, step = None, 0
+  saved_stage = config.stages[config.stage_at(epoch)[0]]
+  if early_stopping.stopped(run.early_stopping, saved_stage.name):   # go on with the next stage
+    start_epoch = sum(s.epochs for s in config.stages[:config.stage_at(epoch)[0] + 1])
   if start_epoch < config.epochs and config.stage_at(start_epoch)[0] == config.stage_at(epoch)[0]:
     opt_state, step = tree['opt_state'], tree['step']
+    run.resumed_ema = tree.get('ema')
   run.log(f'resuming {run.dir.path} in epoch {epoch} after train step {partial.steps} of '
           f'{len(run.pipeline.train)}' if partial else f'resuming {run.dir.path} after epoch {epoch}')
   return {'params': tree['params'], 'batch_stats': tree['batch_stats']}, start_epoch, opt_state, step, partial
@@ -310,11 +342,15 @@ def start_stage(run: Run, index: int, variables: dict, opt_state: Any = None, st
   # from the shapes alone.
   num_features = jax.eval_shape(lambda v, x: run.model.apply(v, x, method='features'), variables,
                                 example_val['images'].astype(np.float32)).shape[-1]
+  loss, mixing = recipe_loss(config, [label for _, label in pipeline.data.train.samples], len(pipeline.data.classes),
+                             is_multi_label(config, pipeline.data))
   state, stage = setup_stage(
       config, index, run.model, variables, len(pipeline.train),
       feature_cache.example_batch(example_train, num_features) if plan.train else example_train,
       feature_cache.example_batch(example_val, num_features) if plan.val else example_val,
-      run.compiled, opt_state, step, run.mesh, pipeline.normalization)
+      run.compiled, opt_state, step, run.mesh, pipeline.normalization,
+      ema=run.resumed_ema if opt_state is not None else None, loss=loss, mixing=mixing)
+  run.resumed_ema = None
   for name, seconds in stage.compile_seconds.items():
     run.compile_seconds[name] = run.compile_seconds.get(name, 0.0) + seconds
   if any(stage.compile_seconds.values()):
@@ -331,6 +367,8 @@ def start_stage(run: Run, index: int, variables: dict, opt_state: Any = None, st
 
 def save_train_batch(run: Run) -> None:
   """train_batch.png: the first train batch as the model sees it, de-normalised."""
+  if run.pipeline.data.multi_label:   # its titles name one class per image
+    return
   from tl_jax import plots as plot_lib
   transforms = run.pipeline.transforms
   example_train, _ = run.examples
@@ -354,7 +392,8 @@ def save_run_checkpoint(run: Run, epoch: int, state: TrainState, partial: Option
   if partial is not None:
     check_weights(run, state, partial.steps)
   meta = {'config': run.config.to_dict(), 'history': run.history, 'best_val_acc': run.best_val_acc,
-          'best_epoch': run.best_epoch, 'epoch': epoch, 'partial': partial.to_json() if partial else None}
+          'best_epoch': run.best_epoch, 'epoch': epoch, 'partial': partial.to_json() if partial else None,
+          'early_stopping': run.early_stopping}
   path = run.dir.save(state_tree(state), meta)
   run.saves.saved()
   if partial is not None:
@@ -370,7 +409,8 @@ def write_history(run: Run, **extra: Any) -> None:
   run.dir.write_history({'config': run.config.to_dict(), 'class_names': data.classes, 'data': data.describe(),
                          'devices': parallel.describe(run.mesh), 'compile_seconds': run.compile_seconds,
                          'skipped_images': data.skipped, 'best_val_acc': run.best_val_acc,
-                         'best_epoch': run.best_epoch, 'epochs': run.history, **extra})
+                         'best_epoch': run.best_epoch, 'early_stopping': run.early_stopping,
+                         'epochs': run.history, **extra})
 
 
 def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict) -> None:
@@ -379,14 +419,20 @@ def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict) -> None:
   epoch = row['epoch']
   run.history.append(row)
   run.log(f"train Loss: {row['train_loss']:.4f} Acc: {row['train_acc']:.4f}")
-  run.log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}")
+  run.log(f"val Loss: {row['val_loss']:.4f} Acc: {row['val_acc']:.4f}" +
+          (f" mAP: {row['val_mAP']:.4f}" if 'val_mAP' in row else ''))
   if row['skipped_steps']:
     run.log(f"skipped {row['skipped_steps']} of {row['train_steps']} train steps: their loss or gradient was "
             'not finite (on_nonfinite: skip_step)')
-  if row['val_acc'] > run.best_val_acc:
-    run.best_val_acc, run.best_epoch = row['val_acc'], epoch
-    run.dir.save_best(epoch, model_variables(state),
-                      {**run.metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc']})
+  # Before the run checkpoint, which keeps the count for --resume.
+  early_stopping.after_epoch(run.early_stopping, run.config.stages[stage.index], row, run.log)
+  # A multi-label run keeps its best val mAP (in best_val_acc); val_acc is its subset accuracy.
+  score = row.get('val_mAP', row['val_acc'])
+  if score > run.best_val_acc:
+    run.best_val_acc, run.best_epoch = score, epoch
+    run.dir.save_best(epoch, eval_variables(state),   # the moving average of the weights, if kept
+                      {**run.metadata, 'epoch': epoch, 'stage': stage.name, 'val_acc': row['val_acc'],
+                       'ema': state.ema is not None})
   save_run_checkpoint(run, epoch, state)
   write_history(run)
   run.log('')
@@ -419,7 +465,7 @@ def finish(run: Run, state: Optional[TrainState], elapsed: float, plots: bool, r
   best = run.dir.load_best()
   best_variables = {'params': best.variables['params'], 'batch_stats': best.variables.get('batch_stats', {})}
   if state is not None:
-    state = state.replace(**parallel.replicate(best_variables, run.mesh))
+    state = state.replace(**parallel.replicate(best_variables, run.mesh), ema=None)
   if run.main and (plots or report):
     final_outputs(run.model, best_variables, run.pipeline, run.config, run.dir, run.history, run.best_epoch,
                   plots, report, run.log)
@@ -469,6 +515,8 @@ def run_stages(run: Run, hooks: Callback, variables: dict, start_epoch: int, opt
       state = run_one_epoch(run, hooks, stage, state, loaders, epoch, feature_seconds,
                             start if epoch == start_epoch else None)
       feature_seconds = 0.0
+      if early_stopping.stopped(run.early_stopping, stage.name):
+        break
     hooks.on_stage_end(run, stage, state)
     variables = model_variables(state)
   return state

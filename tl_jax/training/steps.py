@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from tl_jax import losses
-from tl_jax.training.state import TrainState, dropout_key, model_variables
+from tl_jax.training import ema as ema_lib
+from tl_jax.training.state import TrainState, dropout_key, eval_variables, model_variables
 
 
 def _split(tree: Mapping, trainable) -> tuple[Optional[dict], Optional[dict]]:
@@ -48,7 +49,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
                trainable: Mapping[str, Any], bn_train: bool,
                loss: losses.Loss = losses.cross_entropy,
                aux_weights: tuple[float, ...] = (),
-               on_nonfinite: Optional[str] = None) -> tuple[TrainState, dict]:
+               on_nonfinite: Optional[str] = None,
+               ema: Optional[ema_lib.Settings] = None) -> tuple[TrainState, dict]:
   """One optimizer step on the mean loss of the valid rows of `batch`.
 
   Args:
@@ -69,6 +71,8 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
       `with_aux=True`; the metrics other than the loss come from the main logits.
     on_nonfinite: None, 'stop' (the sums get the step's `finite` flag) or 'skip_step' (a non-finite
       step's update is dropped and the sums say it was `skipped`): `guard_nonfinite`.
+    ema: the stage's moving average of the weights (`state.ema`) is updated after the optimizer
+      step (tl_jax.training.ema); None: the stage keeps none.
   """
   learned, fixed = _split(state.params, trainable)
   batch_stats = state.batch_stats if state.batch_stats is not None else {}
@@ -98,6 +102,9 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.M
   # never reads them, so XLA folds these zeros away.
   grads = _merge(learned_grads, jax.tree_util.tree_map(jnp.zeros_like, fixed) if fixed else None)
   new_state = state.apply_gradients(grads=grads, batch_stats=new_batch_stats)
+  if ema is not None:
+    new_state = new_state.replace(ema=ema_lib.update(state.ema, model_variables(new_state), state.step, ema,
+                                                      trainable))
   if on_nonfinite is not None:
     return guard_nonfinite(state, new_state, sums, learned_grads, skip=on_nonfinite == 'skip_step')
   return new_state, sums
@@ -138,12 +145,14 @@ def eval_step(state: TrainState, batch: Mapping[str, jax.Array], *, model: nn.Mo
 
   Classification adds 'predictions' (argmax); other heads' outputs are returned as 'outputs'.
   """
-  variables = model_variables(state)
+  variables = eval_variables(state)   # the moving average of the weights, when the stage keeps one
   if 'features' in batch:   # cached backbone features (tl_jax.feature_cache)
     outputs = model.apply(variables, batch['features'], train=False, method='from_features')
   else:
     outputs = model.apply(variables, batch['images'], train=False)
   sums = loss(outputs, batch)
+  if 'correct' in sums and batch['labels'].ndim == 2:   # multi-label: the host ranks the rows for mAP
+    return {**sums, 'outputs': outputs, 'targets': batch['labels'], 'mask': batch['mask']}
   if 'correct' in sums:
     return {**sums, 'predictions': jnp.argmax(outputs, axis=-1)}
   return {**sums, 'outputs': outputs}
