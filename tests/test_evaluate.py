@@ -269,3 +269,31 @@ def test_text_of_many_classes_leaves_the_matrix_to_the_files():
                                                                'checkpoint_epoch': 4}))
   assert 'checkpoint: /c (resnet18, epoch 4)' in text
   assert '31 classes are too many for text; see confusion.png' in text and 'rows: true class' not in text
+
+
+# ------------------------------------------------------------------ calibration and TTA flags
+
+
+def test_fit_temperature_flags(tmp_path, small_variables, capsys, monkeypatch):
+  from tl_jax import calibration
+  from tl_jax.commands import evaluate as evaluate_command
+  from tl_jax.commands import predict as predict_command
+  ckpt = _small_checkpoint(tmp_path / 'ckpt', small_variables)
+  data = _folder(tmp_path / 'data')
+  common = ['--checkpoint', str(ckpt), '--data', str(data), '--workers', '0', '--batch-size', '4']
+  with pytest.raises(SystemExit):
+    evaluate_command.main(common + ['--fit-temperature', '--no-temperature'])
+  assert 'not allowed with argument' in capsys.readouterr().err
+
+  def refuse(logits, labels):
+    raise calibration.CalibrationError('all 9 images are classified right (nothing stored)')
+
+  monkeypatch.setattr(calibration, 'fit_temperature', refuse)
+  assert evaluate_command.main(common + ['--fit-temperature', '--out', str(tmp_path / 'out')]) == 1
+  out, err = capsys.readouterr()
+  assert err.strip() == 'error: no temperature fitted: all 9 images are classified right (nothing stored)'
+  assert 'note: no temperature fitted' in out and 'calibration: ECE' in out
+  assert 'temperature' not in checkpoint.load_model(ckpt).metadata
+  with pytest.raises(SystemExit):
+    predict_command.main(['--checkpoint', str(ckpt), '--min-confidence', '2', 'x.png'])
+  assert 'expected a probability in [0, 1], got 2' in capsys.readouterr().err
