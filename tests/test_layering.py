@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'tl_jax'
 # Low to high. A module belongs to the first layer that names it or a package above it.
 LAYERS = (
     ('tl_jax', 'tl_jax.xla_defaults', 'tl_jax.cli', 'tl_jax.fetch', 'tl_jax.losses', 'tl_jax.metrics',
-     'tl_jax.plots', 'tl_jax.presets'),                 # runtime settings, leaf helpers, package data
+     'tl_jax.calibration', 'tl_jax.plots', 'tl_jax.presets'),  # runtime settings, leaf helpers, package data
     ('tl_jax.models',),                                 # Flax modules; nothing outside models/
     ('tl_jax.optim',),                                  # stage labels -> optax
     ('tl_jax.data',),                                   # files -> transforms -> loader -> caches
@@ -21,7 +21,7 @@ LAYERS = (
     ('tl_jax.config',),                                 # the recipe schema: checks against all of the above
     ('tl_jax.checkpoint', 'tl_jax.parallel', 'tl_jax.rundir', 'tl_jax.feature_cache',
      'tl_jax.inference', 'tl_jax.export'),
-    ('tl_jax.evaluate', 'tl_jax.predict'),
+    ('tl_jax.evaluate', 'tl_jax.predict', 'tl_jax.onnx_export', 'tl_jax.data_check'),
     ('tl_jax.training',),                               # state, steps, stages, the run loop
     ('tl_jax.commands',),                               # the command line
 )

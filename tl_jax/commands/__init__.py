@@ -13,8 +13,9 @@ from typing import Optional, Sequence
 
 from tl_jax import cli
 
-COMMANDS = {'train': 'train', 'evaluate': 'evaluate', 'predict': 'predict', 'convert': 'convert', 'archs': 'archs'}
-_USAGE = ('usage: tl-jax {train,evaluate,predict,convert,archs} [options]\n'
+COMMANDS = {'train': 'train', 'evaluate': 'evaluate', 'predict': 'predict', 'convert': 'convert', 'archs': 'archs',
+            'check-data': 'check_data', 'export-onnx': 'export_onnx'}
+_USAGE = ('usage: tl-jax {train,evaluate,predict,convert,archs,check-data,export-onnx} [options]\n'
           "  'tl-jax COMMAND --help' describes a command's options")
 
 
