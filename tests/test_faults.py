@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from PIL import Image
 
+from helpers import two_class_folder
 from tl_jax import checkpoint, cli
 from tl_jax.config import validate
 from tl_jax.rundir import RunDir, RunError
@@ -57,16 +57,7 @@ def compilation_cache(tmp_path_factory):
   cache.reset_cache()
 
 
-def _folder(root: Path, per_class: int = 6, val_per_class: int = 3) -> Path:
-  rng = np.random.default_rng(5)
-  for split, n in (('train', per_class), ('val', val_per_class)):
-    for label, cls in enumerate(('ants', 'bees')):
-      folder = root / split / cls
-      folder.mkdir(parents=True, exist_ok=True)
-      for i in range(n):
-        pixels = np.clip(rng.normal(70 + 110 * label, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f'{cls}_{i}.png')
-  return root
+_folder = two_class_folder
 
 
 @pytest.fixture(scope='module')

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / 'tl_jax'
 
 # Low to high. A module belongs to the first layer that names it or a package above it.
 LAYERS = (
-    ('tl_jax', 'tl_jax.xla_defaults', 'tl_jax.cli', 'tl_jax.fetch', 'tl_jax.losses', 'tl_jax.metrics',
+    ('tl_jax', 'tl_jax.xla_defaults', 'tl_jax.cli', 'tl_jax.extras', 'tl_jax.fetch', 'tl_jax.losses', 'tl_jax.metrics',
      'tl_jax.calibration', 'tl_jax.plots', 'tl_jax.presets'),  # runtime settings, leaf helpers, package data
     ('tl_jax.models',),                                 # Flax modules; nothing outside models/
     ('tl_jax.optim',),                                  # stage labels -> optax

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import TOL, data_root, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy, within
+from helpers import TOL, data_root, two_class_folder, nchw_to_nhwc, random_torchvision_model, rel_err, state_dict_numpy, within
 from tl_jax import optim
 from tl_jax.convert import name_table, torch_to_flax
 from tl_jax.data.transforms import TrainTransform
@@ -299,16 +299,7 @@ SMALL_TRANSFORMS = {
 
 
 def _small_folder(root, per_class=6, val_per_class=3):
-  from PIL import Image as PILImage
-  rng = np.random.default_rng(5)
-  for split, n in (('train', per_class), ('val', val_per_class)):
-    for label, cls in enumerate(('ants', 'bees')):
-      folder = root / split / cls
-      folder.mkdir(parents=True)
-      for i in range(n):
-        pixels = np.clip(rng.normal(70 + 110 * label, 30, (40, 48, 3)), 0, 255).astype(np.uint8)
-        PILImage.fromarray(pixels).save(folder / f'{cls}_{i}.png')
-  return root
+  return two_class_folder(root, per_class, val_per_class)
 
 
 def _small_config(tmp_path, stages, **data):

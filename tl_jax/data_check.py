@@ -32,6 +32,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from tl_jax import extras
 from tl_jax.data.folder import ImageFolder, find_bad_images, load_image
 
 REPORT_JSON = 'data_check.json'
@@ -60,11 +61,7 @@ class DataCheckError(ValueError):
 
 
 def _require(module: str):
-  import importlib
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise DataCheckError(f'the data check needs {module}, which is not installed; {_INSTALL_HINT}') from e
+  return extras.require(module, DataCheckError, 'the data check', _INSTALL_HINT)
 
 
 # ------------------------------------------------------------------------------------ splits

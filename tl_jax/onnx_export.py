@@ -32,13 +32,11 @@ import numpy as np
 from PIL import Image
 
 from tl_jax import checkpoint as checkpoint_lib
-from tl_jax import convert
+from tl_jax import convert, export, extras
 from tl_jax.models import create_model, family_of
 
 INPUT_NAME = 'images'
 OUTPUT_NAME = 'logits'
-# Module versions torchvision's loaders check (`_metadata` of a state dict); see tl_jax/export.py.
-_MODULE_VERSIONS = {'mnasnet': {'': {'version': 2}}}
 _INSTALL_HINT = "install the 'onnx' extra: pip install 'tl_jax[onnx]' (onnx, onnxscript, onnxruntime)"
 
 
@@ -47,11 +45,7 @@ class OnnxExportError(ValueError):
 
 
 def _require(module: str):
-  import importlib
-  try:
-    return importlib.import_module(module)
-  except ImportError as e:
-    raise OnnxExportError(f'ONNX export needs {module}, which is not installed; {_INSTALL_HINT}') from e
+  return extras.require(module, OnnxExportError, 'ONNX export', _INSTALL_HINT)
 
 
 def torchvision_model(arch: str, num_classes: int, flax_model: Any = None, image_size: Optional[int] = None):
@@ -77,7 +71,9 @@ def torchvision_model(arch: str, num_classes: int, flax_model: Any = None, image
 def _load_torch(module, state_dict: Mapping[str, np.ndarray], arch: str) -> None:
   torch = _require('torch')
   tensors = collections.OrderedDict((k, torch.from_numpy(np.array(v))) for k, v in state_dict.items())
-  tensors._metadata = _MODULE_VERSIONS.get(family_of(arch).name, {})  # pylint: disable=protected-access
+  # Module versions torchvision's loaders check (MNASNet's), as export_torch_weights writes them.
+  versions = export.TORCH_MODULE_VERSIONS.get(family_of(arch).name, {})
+  tensors._metadata = {k: {'version': v} for k, v in versions.items()}  # pylint: disable=protected-access
   module.load_state_dict(tensors, strict=True)
 
 
