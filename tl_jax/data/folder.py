@@ -253,22 +253,29 @@ def drop_bad_images(dataset: ImageFolder, skip_bad: bool, warn: Callable[[str], 
     num_threads: decoding threads.
     load: key -> image for samples that are not files (see `find_bad_images`).
   """
-  bad = find_bad_images(dataset.samples, num_threads, load)
-  if not bad:
+  kept, dropped = readable_samples(dataset.samples, skip_bad, warn, num_threads, load)
+  if not dropped:
     return dataset, 0
-  if not skip_bad:
-    raise ImageReadError(bad)
-  for path, reason in bad:
-    warn(f'skipping unreadable image {path}: {reason}')
-  bad_paths = {path for path, _ in bad}
-  kept = [sample for sample in dataset.samples if sample[0] not in bad_paths]
   left = {label for _, label in kept}
   emptied = [name for name in dataset.classes if dataset.class_to_idx[name] not in left]
   if emptied:
     folders = ', '.join(os.path.join(dataset.root, name) for name in emptied)
     raise DatasetLayoutError(f'no readable image left in class folder(s) {folders}; replace the '
                              f'unreadable files listed above or remove the class.')
-  return dataset.with_samples(kept), len(bad)
+  return dataset.with_samples(kept), dropped
+
+
+def readable_samples(samples: Sequence[tuple], skip_bad: bool, warn: Callable[[str], None], num_threads: int = 2,
+                     load: Optional[Callable[[str], Image.Image]] = None) -> tuple[list, int]:
+  """(the samples whose image (key first) decodes, number dropped): ImageReadError naming every
+  unreadable file, or with `skip_bad` one `warn` per dropped file."""
+  bad = find_bad_images(samples, num_threads, load)
+  if bad and not skip_bad:
+    raise ImageReadError(bad)
+  for key, reason in bad:
+    warn(f'skipping unreadable image {key}: {reason}')
+  bad_keys = {key for key, _ in bad}
+  return [sample for sample in samples if sample[0] not in bad_keys], len(bad)
 
 
 def check_same_classes(train: ImageFolder, val: ImageFolder) -> None:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from tl_jax.data.folder import DataError, ImageReadError, find_bad_images
+from tl_jax.data.folder import DataError, readable_samples
 
 KIND = 'labels-csv'
 _SPLITS = {'train': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val'}
@@ -118,18 +118,12 @@ def read_labels_csv(path: str | Path, val_fraction: float, seed: int) -> tuple[M
 def drop_bad_rows(split: MultiLabelSplit, skip_bad: bool, warn: Callable[[str], None],
                   num_threads: int = 2) -> tuple[MultiLabelSplit, int]:
   """`folder.drop_bad_images` for a labels CSV: a missing or unreadable image raises, or is dropped."""
-  bad = find_bad_images(split.samples, num_threads)
-  if not bad:
+  kept, dropped = readable_samples(split.samples, skip_bad, warn, num_threads)
+  if not dropped:
     return split, 0
-  if not skip_bad:
-    raise ImageReadError(bad)
-  for key, reason in bad:
-    warn(f'skipping unreadable image {key}: {reason}')
-  bad_keys = {key for key, _ in bad}
-  kept = [s for s in split.samples if s[0] not in bad_keys]
   if not kept:
     raise LabelsCsvError(f'no readable image left in {split.root}; fix the paths in the CSV')
-  return split.with_samples(kept), len(bad)
+  return split.with_samples(kept), dropped
 
 
 def evaluation_rows(path: str | Path, class_names: Sequence[str]) -> MultiLabelSplit:
