@@ -263,8 +263,10 @@ class Inception3(nn.Module):
     logits = self.from_features(features, train)
     if train and with_aux:
       if min(aux_input.shape[1:3]) < AUX_MIN_SIZE:
-        raise ValueError(f'the aux head needs inputs of at least 299 px (Mixed_6e {AUX_MIN_SIZE}x{AUX_MIN_SIZE}), '
-                         f'got {x_bhwc.shape[1]}x{x_bhwc.shape[2]}; train without it (with_aux=False) below that')
+        raise ValueError(f'{self.arch} trains its aux head (torchvision\'s loss: main + 0.4 aux) from 299-px inputs '
+                         f'(Mixed_6e {AUX_MIN_SIZE}x{AUX_MIN_SIZE}); the train batches are {x_bhwc.shape[1]}x'
+                         f'{x_bhwc.shape[2]}: crop to 299 px (e.g. RandomResizedCrop: {{size: 299}}, as the '
+                         'ImageNet weights\' preprocessing does)')
       return logits, (self.AuxLogits(aux_input, bn_train, mask_b),)
     if self.is_initializing():
       # The aux head's parameters exist whatever the call; any input small enough to leave
