@@ -130,3 +130,25 @@ def test_winograd_is_refused_for_families_without_it():
   with pytest.raises(ValueError, match='built for the ResNets and VGG, not mobilenet_v2'):
     create_model('mobilenet_v2', 3, winograd=True)
   assert create_model('mobilenet_v2', 3, winograd=False).arch == 'mobilenet_v2'
+
+
+def test_the_bench_keeps_winograd_only_where_it_is_faster_and_accurate():
+  """bench_winograd.policy: per op the faster accurate tile size within the margin of XLA's time, else 0."""
+  import importlib.util
+  from pathlib import Path
+  path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'bench_winograd.py'
+  spec = importlib.util.spec_from_file_location('bench_winograd', path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  ok, loose = [5e-7] * 3, [8e-6] * 3
+  row = {'ci': 64, 'co': 64, 'size': 56, 'batch': 4,
+         'xla': {'forward': 10.0, 'dx': 10.0, 'dw': 10.0},
+         'f2': {'forward': 8.0, 'dx': 9.5, 'dw': 20.0, 'errors': ok},
+         'f4': {'forward': 5.0, 'dx': 5.0, 'dw': 5.0, 'errors': loose}}
+  [entry] = bench.policy([row], margin=0.9)['shapes']
+  # forward: F(2x2) 0.8x XLA; dx: F(2x2) 0.95x, not within the margin; dW: slower. F(4x4) is faster
+  # everywhere but too inexact for float32 parity.
+  assert (entry['forward'], entry['dx'], entry['dw']) == (2, 0, 0)
+  row['f4']['errors'] = ok
+  [entry] = bench.policy([row], margin=0.9)['shapes']
+  assert (entry['forward'], entry['dx'], entry['dw']) == (4, 4, 4)
