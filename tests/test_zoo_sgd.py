@@ -57,11 +57,11 @@ class Case:
 
 CASES = {
     'convnext_tiny': Case(32, 2, {'stochastic_depth_prob': 0.0}),
-    'efficientnet_b0': Case(64, 4, {'dropout_rate': 0.0, 'stochastic_depth_rate': 0.0}),
-    'mobilenet_v3_large': Case(64, 4, {'dropout_rate': 0.0}),
+    'efficientnet_b0': Case(64, 2, {'dropout_rate': 0.0, 'stochastic_depth_rate': 0.0}),
+    'mobilenet_v3_large': Case(64, 2, {'dropout_rate': 0.0}),
     'vit_b_16': Case(32, 4, {'dropout_rate': 0.0, 'attention_dropout_rate': 0.0}, image_size=32),
-    'swin_t': Case(64, 4, {'stochastic_depth_prob': 0.0}),
-    'densenet121': Case(64, 4, {'drop_rate': 0.0}),
+    'swin_t': Case(64, 2, {'stochastic_depth_prob': 0.0}),
+    'densenet121': Case(64, 2, {'drop_rate': 0.0}),
     # At lr 0.01 its full fine-tune on 2 images swings (losses 1.4, 4.8, 1.0, 6.4) and the two runs part
     # ~1000x per step from step 2 on (1e-11, 1e-8, 2e-7, 2e-4): the dynamics, not the arithmetic, diverge.
     'inception_v3': Case(299, 2, {'dropout_rate': 0.0}, lr=0.001),
@@ -199,8 +199,9 @@ def _cases():
         # 2..5, and our own run with every param scaled by 1 + 1e-14 parts from ours by the same (2e-12,
         # 7e-10, 3e-8, 3e-3; step 1 and the head-only run agree to 1e-13). Its 2-image batch leaves the
         # aux head's last BatchNorm 2 values per channel. Batch 4 parts less (step 5: 6e-9), still > 1e-9.
+        # Not run: a non-strict xfail passes either way and would spend five minutes of the slow tier.
         marks.append(pytest.mark.xfail(reason='inception_v3 full fine-tune on 2 images amplifies rounding '
-                                       '1e-14 -> 3e-3 in five steps (ours against ours too)', strict=False))
+                                       '1e-14 -> 3e-3 in five steps (ours against ours too)', run=False))
       yield pytest.param(arch, strategy, case, marks=marks, id=f'{arch}-{strategy}')
 
 
