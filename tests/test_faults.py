@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import two_class_folder
+from helpers import compilation_cache, two_class_folder  # noqa: F401  (a fixture, used by name)
 from tl_jax import checkpoint, cli
 from tl_jax.config import validate
 from tl_jax.rundir import RunDir, RunError
@@ -39,22 +39,9 @@ QUIET = dict(progress=False, plots=False, report=False)
 METRICS = ('train_loss', 'train_acc', 'val_loss', 'val_acc', 'lr')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same computations (the init, the features, the head's steps): JAX's
-  persistent compilation cache lets the first run's executables serve the others, the same
-  executables, so the same numbers."""
-  from jax.experimental.compilation_cache import compilation_cache as cache
-  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-          'jax_persistent_cache_min_entry_size_bytes')
-  before = {key: getattr(jax.config, key) for key in keys}
-  for key, value in zip(keys, (str(tmp_path_factory.mktemp('jax_cache')), 0, 0)):
-    jax.config.update(key, value)
-  cache.reset_cache()
-  yield
-  for key, value in before.items():
-    jax.config.update(key, value)
-  cache.reset_cache()
+# The runs here compile the same computations (the init, the features, the head's steps): JAX's
+# persistent compilation cache lets the first run's executables serve the others.
+pytestmark = [pytestmark, pytest.mark.usefixtures('compilation_cache')]
 
 
 _folder = two_class_folder
