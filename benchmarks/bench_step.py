@@ -7,7 +7,8 @@ busy machine slows them alike; the table shows the median over rounds. Variants:
 gradients (`xla`, create_model(fast_backward=False)), tl_jax's default with fast_conv's CPU
 rewrites (`fast`) and torch (the tutorial's model.train() + SGD step). `--ops` adds a
 per-convolution breakdown: forward, input gradient and weight gradient of every distinct
-ResNet-18 conv shape, XLA, fast and torch.
+ResNet-18 conv shape, XLA, fast and torch. With a Winograd policy (tl_jax/models/winograd_policy.json)
+the variant `wino` adds its Winograd convolutions to `fast`.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def _interleaved(fns: dict, rounds: int) -> dict:
   return {name: _median_ms(t) for name, t in times.items()}
 
 
-def jax_step(strategy: str, fast_backward: bool, batch: int, size: int, bn: str = 'train'):
+def jax_step(strategy: str, fast_backward: bool, batch: int, size: int, bn: str = 'train', winograd: bool = False):
   """A zero-argument callable running one jitted train step (state carried), and its compile time."""
   from tl_jax import optim, training as train
   from tl_jax.models import create_model, init_variables
-  model = create_model('resnet18', 2, fast_backward=fast_backward)
+  model = create_model('resnet18', 2, fast_backward=fast_backward, winograd=winograd)
   variables = init_variables(model, jax.random.PRNGKey(0), image_size=32)
   tx = optim.make_optimizer(variables['params'], strategy, {'name': 'sgd', 'momentum': 0.9}, 0.001)
   state = train.create_train_state(model, variables, tx, jax.random.PRNGKey(1))
@@ -194,6 +195,7 @@ def main():
   if args.cpu_time:
     CLOCK = time.process_time
   import torch
+  from tl_jax.models import winograd
   # XLA sizes its thread pool from the CPUs this process may run on (taskset); torch from the
   # machine's cores unless told.
   torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -206,10 +208,13 @@ def main():
     fns, compile_s = {}, {}
     for label, fast_backward in (('xla', False), ('fast', True)):
       fns[label], compile_s[label] = jax_step(strategy, fast_backward, args.batch, args.size)
+    if winograd.policy():   # the measured policy's Winograd convs on top of `fast`
+      fns['wino'], compile_s['wino'] = jax_step(strategy, True, args.batch, args.size, winograd=True)
     fns['torch'] = torch_step(strategy, args.batch, args.size)[0]
     ms = _interleaved(fns, args.steps)
     print(f'{strategy:9s} ' + '  '.join(f'{k} {v:6.1f} ms' for k, v in ms.items())
           + f"  | fast/torch {ms['fast'] / ms['torch']:.2f}, xla/torch {ms['xla'] / ms['torch']:.2f}"
+          + (f", wino/torch {ms['wino'] / ms['torch']:.2f}" if 'wino' in ms else '')
           + '  | compile ' + ', '.join(f'{k} {v:.1f}s' for k, v in compile_s.items()))
   if args.ops:
     print(f'\nper conv op, ms (median of {args.steps} interleaved rounds), batch {args.batch}:')
