@@ -32,8 +32,8 @@ def _size(arch):
   return 299 if arch == 'inception_v3' else max(family_of(arch).init_size(arch), 32)
 
 
-def _config(tmp_path, arch, stages, dtype='float32'):
-  size = _size(arch)
+def _config(tmp_path, arch, stages, dtype='float32', size=None):
+  size = size or _size(arch)
   norm = {'Normalize': {'mean': [0.5, 0.5, 0.5], 'std': [0.25, 0.25, 0.25]}}
   return validate({
       'model': {'arch': arch, 'weights': 'random', 'dtype': dtype},
@@ -102,7 +102,12 @@ def test_a_bfloat16_run_trains_and_stays_near_the_float32_run(tmp_path, arch):
   epoch's train loss within a few percent of the float32 run's."""
   from tl_jax.training import train_and_evaluate
   stages = [{'name': 'all', 'epochs': 1, 'trainable': 'all', 'optimizer': {'name': 'sgd', 'lr': 0.001}}]
-  runs = {dtype: train_and_evaluate(_config(tmp_path / dtype, arch, stages, dtype), tmp_path / dtype / 'run', **QUIET)
+  # EfficientNet at 96 px: at 32 px its last blocks see 1x1 maps, so train-mode BatchNorm normalises 2 values per
+  # channel to +-1 by the sign of their difference, which bfloat16 rounding flips (train loss 0.90 against 0.74 at
+  # 32 px, 0.67 against 0.78 at 64 px, 0.673 against 0.663 at 96 px: 3x3 maps, 18 values).
+  size = 96 if arch == 'efficientnet_b0' else None
+  runs = {dtype: train_and_evaluate(_config(tmp_path / dtype, arch, stages, dtype, size), tmp_path / dtype / 'run',
+                                    **QUIET)
           for dtype in ('float32', 'bfloat16')}
   for key in ('train_loss',):   # (val: random weights under eval-mode BN can overflow, see above)
     f32, bf16 = runs['float32'].history[0][key], runs['bfloat16'].history[0][key]
