@@ -14,29 +14,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 @pytest.fixture(scope='session', autouse=True)
 def _session_compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for the session (shared by pytest-xdist's workers): many tests
-  compile the same step for the same tiny model through different jitted functions, which JAX's in-memory
-  cache cannot share. A cached executable is the one compiled, so it gives the same numbers."""
-  from jax.experimental.compilation_cache import compilation_cache as cache
+  """JAX's persistent compilation cache for the session, shared by pytest-xdist's workers: many tests
+  compile the same step of the same tiny model through different jitted functions, which JAX's in-memory
+  cache cannot share."""
+  from helpers import persistent_compilation_cache
   base = tmp_path_factory.getbasetemp()
   directory = (base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base) / 'jax_cache'
   directory.mkdir(exist_ok=True)
-  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-          'jax_persistent_cache_min_entry_size_bytes')
-  before = {key: getattr(jax.config, key) for key in keys}
-  for key, value in zip(keys, (str(directory), 0.2, 0)):
-    jax.config.update(key, value)
-  cache.reset_cache()
-  yield
-  for key, value in before.items():
-    jax.config.update(key, value)
-  cache.reset_cache()
+  with persistent_compilation_cache(directory, min_compile_secs=0.2):
+    yield
 
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-  """Moves the parity errors a test phase recorded onto its report: under pytest-xdist (the slow tier's
-  `-n 2`) the tests run in worker processes and only the reports reach the process that prints."""
+  """Moves the parity errors a test phase recorded onto its report: under pytest-xdist (the default
+  tier's `-n 2`) the tests run in worker processes and only the reports reach the process that prints."""
   from helpers import MEASURED
   report = (yield).get_result()
   report.user_properties.extend(('parity', entry) for entry in MEASURED)
@@ -63,13 +55,14 @@ def pytest_terminal_summary(terminalreporter):
 
 
 # Models whose parity tests hold several GiB (hundreds of millions of parameters, or 384-600 px inputs):
-# under pytest-xdist they share one group, so two of them never run at once in a 24 GiB machine.
+# under pytest-xdist they share one group, so two of them never run at once in a 24 GiB machine (the README's
+# slow tier runs in one process: some of its other tests hold ~12 GiB too).
 LARGE_ARCHS = {'vit_h_14', 'vit_l_16', 'vit_l_32', 'regnet_y_128gf', 'regnet_y_32gf', 'efficientnet_b7',
                'efficientnet_v2_l'}
 
 
 def pytest_collection_modifyitems(config, items):
-  """Under `-n N --dist loadgroup` (the README's slow-tier command) a test file runs in one worker, as
+  """Under `-n N --dist loadgroup` (the README's default-tier command) a test file runs in one worker, as
   `--dist loadfile` would place it (its module fixtures are built once), and the large models' tests in one."""
   if not config.pluginmanager.hasplugin('xdist'):
     return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -175,20 +176,34 @@ def head_only_values(data: Path, stages: list, **top) -> dict:
           'stages': [{**base, **stage} for stage in stages], 'seed': 0, **top}
 
 
-@pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  """JAX's persistent compilation cache for a module's runs of the real loop, which compile the same
-  computations: the first run's executables serve the others (the same executables, the same numbers).
-  Import it into a test module and name it in `pytestmark = pytest.mark.usefixtures(...)`."""
+@contextlib.contextmanager
+def persistent_compilation_cache(directory=None, min_compile_secs: float = 0.0):
+  """JAX's persistent compilation cache while the block runs (in `directory`, else the one already set),
+  caching what takes at least `min_compile_secs` to compile; the previous settings afterwards. A cached
+  executable is the one that was compiled, so it gives the same numbers."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cache
-  keys = ('jax_compilation_cache_dir', 'jax_persistent_cache_min_compile_time_secs',
-          'jax_persistent_cache_min_entry_size_bytes')
-  before = {key: getattr(jax.config, key) for key in keys}
-  for key, value in zip(keys, (str(tmp_path_factory.mktemp('jax_cache')), 0, 0)):
+  values = {'jax_persistent_cache_min_compile_time_secs': min_compile_secs,
+            'jax_persistent_cache_min_entry_size_bytes': 0}
+  if directory is not None:
+    values['jax_compilation_cache_dir'] = str(directory)
+  before = {key: getattr(jax.config, key) for key in values}
+  for key, value in values.items():
     jax.config.update(key, value)
   cache.reset_cache()
-  yield
-  for key, value in before.items():
-    jax.config.update(key, value)
-  cache.reset_cache()
+  try:
+    yield
+  finally:
+    for key, value in before.items():
+      jax.config.update(key, value)
+    cache.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def compilation_cache():
+  """Every compilation of a module's runs of the real loop kept in the session's persistent cache
+  (tests/conftest.py caches only those over 0.2 s): the runs compile the same init, features and steps,
+  and the first run's executables serve the others. Import it into a test module and name it in
+  `pytestmark = pytest.mark.usefixtures(...)`."""
+  with persistent_compilation_cache(min_compile_secs=0.0):
+    yield
