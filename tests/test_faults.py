@@ -270,7 +270,7 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_saving_nothing_non_f
   assert '\n' not in message and error.value.exit_code == 3
   assert 'non-finite loss or gradient in stage head, epoch 1, train step ' in message
   assert f'{tmp_path / "run" / "checkpoints" / "0"} holds the last finite state' in message
-  assert 'Try a lower lr' in message and 'on_nonfinite: skip_step' in message
+  assert 'Try a lower lr' in message and 'clip_grad_norm' in message and 'on_nonfinite: skip_step' in message
   # Neither the best model nor a run checkpoint of the diverged epoch was written.
   assert sorted(p.name for p in (tmp_path / 'run' / 'best').iterdir()) == ['0']
   assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()) == ['0']

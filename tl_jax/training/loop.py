@@ -448,8 +448,8 @@ def diverged(run: Run, stage: Stage, epoch: int, error: faults.NonFiniteError) -
   saved = (f'{latest} holds the last finite state (--resume continues from it)' if latest is not None
            else 'no checkpoint was saved yet')
   message = (f'{error} in {where}: stopped; nothing non-finite was saved, {saved}. Try a lower lr (--lr, or '
-             f'stages[{stage.index}].optimizer.lr in the recipe: --resume accepts the change), or on_nonfinite: '
-             'skip_step for the stage to skip such steps')
+             f'stages[{stage.index}].optimizer.lr in the recipe: --resume accepts the change), clip_grad_norm: 1.0 '
+             'for the stage, or on_nonfinite: skip_step for the stage to skip such steps')
   record = {'reason': 'nonfinite', 'stage': stage.name, 'epoch': epoch, 'step': error.step, 'loss': error.loss,
             'message': message}
   run.dir.record_stop(record)
