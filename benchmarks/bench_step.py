@@ -7,8 +7,8 @@ busy machine slows them alike; the table shows the median over rounds. Variants:
 gradients (`xla`, create_model(fast_backward=False)), tl_jax's default with fast_conv's CPU
 rewrites (`fast`) and torch (the tutorial's model.train() + SGD step). `--ops` adds a
 per-convolution breakdown: forward, input gradient and weight gradient of every distinct
-ResNet-18 conv shape, XLA, fast and torch. With a Winograd policy (tl_jax/models/winograd_policy.json)
-the variant `wino` adds its Winograd convolutions to `fast`.
+ResNet-18 conv shape, XLA, fast and torch. Where the Winograd policy (tl_jax/models/winograd_policy.json)
+keeps any op, the variant `wino` adds its Winograd convolutions to `fast`.
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def main():
     fns, compile_s = {}, {}
     for label, fast_backward in (('xla', False), ('fast', True)):
       fns[label], compile_s[label] = jax_step(strategy, fast_backward, args.batch, args.size)
-    if winograd.policy():   # the measured policy's Winograd convs on top of `fast`
+    if any(any(ops) for ops in winograd.policy().values()):   # the policy's Winograd convs on top of `fast`
       fns['wino'], compile_s['wino'] = jax_step(strategy, True, args.batch, args.size, winograd=True)
     fns['torch'] = torch_step(strategy, args.batch, args.size)[0]
     ms = _interleaved(fns, args.steps)
