@@ -54,26 +54,6 @@ def pytest_terminal_summary(terminalreporter):
     write(f'{what:<{width}}  {err:.3e}  <= {TOL[tol_key]:.0e} ({tol_key})  {test_id}')
 
 
-# Models whose parity tests hold several GiB (hundreds of millions of parameters, or 384-600 px inputs):
-# under pytest-xdist they share one group, so two of them never run at once in a 24 GiB machine (the README's
-# slow tier runs in one process: some of its other tests hold ~12 GiB too).
-LARGE_ARCHS = {'vit_h_14', 'vit_l_16', 'vit_l_32', 'regnet_y_128gf', 'regnet_y_32gf', 'efficientnet_b7',
-               'efficientnet_v2_l'}
-
-
-def pytest_collection_modifyitems(config, items):
-  """Under `-n N --dist loadgroup` (the README's default-tier command) a test file runs in one worker, as
-  `--dist loadfile` would place it (its module fixtures are built once), and the large models' tests in one."""
-  if not config.pluginmanager.hasplugin('xdist'):
-    return
-  for item in items:
-    if any(item.iter_markers('xdist_group')):
-      continue
-    arch = getattr(item, 'callspec', None) and item.callspec.params.get('arch')
-    group = 'large_archs' if arch in LARGE_ARCHS else item.nodeid.split('::')[0]
-    item.add_marker(pytest.mark.xdist_group(group))
-
-
 # torch and torchvision for the transform parity tests; they skip cleanly where torch is missing.
 @pytest.fixture(scope='module')
 def torch():
