@@ -65,15 +65,52 @@ def _quiet_unraisable(previous: Callable) -> Callable:
   return lambda unraisable: None if _teardown_noise(unraisable) else previous(unraisable)
 
 
+def _from_orbax(error: BaseException) -> bool:
+  """Whether `error`, or one it was raised from, came out of orbax's (tensorstore's) reads or writes."""
+  seen = error
+  while seen is not None:
+    if 'TensorStore' in str(seen) or 'OCDBT' in str(seen):
+      return True
+    frame = seen.__traceback__
+    while frame is not None:
+      if f'{os.sep}orbax{os.sep}' in frame.tb_frame.f_code.co_filename:
+        return True
+      frame = frame.tb_next
+    seen = seen.__cause__ or seen.__context__
+  return False
+
+
+class OrbaxTaskNoise(logging.Filter):
+  """Drops asyncio's 'Task/Future exception was never retrieved' records for orbax's reads: when one
+  read of a damaged checkpoint fails, orbax gathers the first error and the others' tasks fail
+  unobserved; each is logged with its traceback when collected (how many depends on where the file
+  was cut). The damage itself is reported in one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and 'never retrieved' in record.getMessage() and _from_orbax(error))
+
+
+def quiet_library_noise() -> None:
+  """Library logging that only repeats an error a script reports in one line: absl's ERROR records
+  (orbax logs a failure from each of its threads), asyncio's unobserved orbax tasks, and the
+  unraisable teardown noise `_teardown_noise` describes. Idempotent."""
+  logging.getLogger('absl').setLevel(logging.CRITICAL)
+  asyncio_logger = logging.getLogger('asyncio')
+  if not any(isinstance(f, OrbaxTaskNoise) for f in asyncio_logger.filters):
+    asyncio_logger.addFilter(OrbaxTaskNoise())
+  if not getattr(sys.unraisablehook, 'tl_jax_quiet', False):
+    hook = _quiet_unraisable(sys.unraisablehook)
+    hook.tl_jax_quiet = True
+    sys.unraisablehook = hook
+
+
 def run(main: Callable[[], int | None]) -> None:
   """Calls `main`; a user-facing error becomes `error: ...` on stderr and exit status 2 (or its
   `exit_code`), a `Stopped` its line and status, Ctrl-C outside a run `interrupted` and 130."""
   if not os.environ.get(DEBUG_ENV):
-    # A failure of orbax (a damaged or unwritable checkpoint) is reported here in one line; orbax also
-    # logs it as ERROR records with tracebacks from each of its background threads, and leaves the
-    # noise `_teardown_noise` describes.
-    logging.getLogger('absl').setLevel(logging.CRITICAL)
-    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    # A failure of orbax (a damaged or unwritable checkpoint) is reported here in one line.
+    quiet_library_noise()
   status = None
   try:
     status = main()
