@@ -1,5 +1,7 @@
 """tl_jax.cli.run: one clear line for bad input, the traceback on request."""
 
+import logging
+
 import pytest
 
 from tl_jax import cli
@@ -81,7 +83,6 @@ def test_what_a_failed_orbax_call_leaves_behind_is_dropped_and_the_rest_kept(mon
 
 def _never_retrieved(error):
   """The record asyncio logs when a task that failed with `error` is collected unobserved."""
-  import logging
   return logging.LogRecord('asyncio', logging.ERROR, __file__, 0, 'Task exception was never retrieved\nfuture: ...',
                            None, (type(error), error, error.__traceback__))
 
@@ -99,7 +100,6 @@ def test_asyncios_unobserved_orbax_tasks_are_dropped_and_other_records_kept():
   assert not keep(_never_retrieved(from_orbax))
   assert not keep(_never_retrieved(ValueError('OUT_OF_RANGE: Error reading "params.x/0" in OCDBT database')))
   assert keep(_never_retrieved(ValueError('a task of the user failed')))
-  import logging
   other = logging.LogRecord('asyncio', logging.ERROR, __file__, 0, 'Unclosed event loop', None,
                             (type(from_orbax), from_orbax, from_orbax.__traceback__))
   assert keep(other)
@@ -110,7 +110,6 @@ def test_a_cut_checkpoint_gives_one_line_and_no_asyncio_records(tmp_path):
   orbax leaves unobserved tasks depends on the tree and on timing; a cut ResNet-18 train state does,
   which tests/test_faults.py's resume over a cut checkpoint runs through train.py.)"""
   import gc
-  import logging
   import shutil
   import numpy as np
   import orbax.checkpoint as ocp

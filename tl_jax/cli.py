@@ -49,6 +49,10 @@ def _report(error: BaseException) -> int:
   return getattr(error, 'exit_code', 2)
 
 
+def _orbax_code(code) -> bool:
+  return f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
 def _teardown_noise(unraisable) -> bool:
   """What a failed orbax read or write leaves behind, each with a traceback ('Exception ignored in
   ...'): its tensorstore operations still in flight finish into an event loop orbax has closed, and
@@ -57,7 +61,7 @@ def _teardown_noise(unraisable) -> bool:
   code = getattr(source, 'cr_code', None)
   return ((isinstance(error, RuntimeError) and str(error) == 'Event loop is closed') or
           (isinstance(error, ImportError) and 'Python is likely shutting down' in str(error)) or
-          (code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename))
+          (code is not None and _orbax_code(code)))
 
 
 def _quiet_unraisable(previous: Callable) -> Callable:
@@ -73,7 +77,7 @@ def _from_orbax(error: BaseException) -> bool:
       return True
     frame = seen.__traceback__
     while frame is not None:
-      if f'{os.sep}orbax{os.sep}' in frame.tb_frame.f_code.co_filename:
+      if _orbax_code(frame.tb_frame.f_code):
         return True
       frame = frame.tb_next
     seen = seen.__cause__ or seen.__context__
